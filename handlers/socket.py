@@ -1,0 +1,205 @@
+"""RelaySocket on /ws: authentication phase, dispatch to the core, and errors mapped to replies or closes."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable
+from typing import Any
+
+import tornado.iostream
+import tornado.websocket
+
+from watchout.errors import AuthTimeout, InvalidMessage, RateLimited, StoreUnavailable, Unauthenticated, WatchoutError
+from watchout.hub import Peer
+from watchout.outbox import Outbox
+from watchout.protocol import (Alert, Auth, Message, Ping, Register, Subscribe, Unsubscribe, VideoFrame,
+                               error_message, parse_binary, parse_text)
+from watchout.services import Services
+
+log = logging.getLogger("watchout.socket")
+CLOSE_GOING_AWAY, CLOSE_POLICY = 1001, 1008
+BAD_MESSAGE_WINDOW_S = 60.0
+
+
+class RelaySocket(tornado.websocket.WebSocketHandler):
+    """One client connection. Nothing raised in on_message escapes: every error becomes an `error`
+    reply or a close with its code (an escaping exception would make Tornado drop the TCP connection).
+    """
+
+    services: Services
+    peer: Peer
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self._timer: asyncio.TimerHandle | None = None
+        self._bad: deque[float] = deque(maxlen=services.settings.max_bad_messages)
+        self._tokens = float(services.settings.rate_limit_burst)
+        self._refilled = time.monotonic()
+        self._limited_since = 0.0
+        self._limited_replied = 0.0
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        return {} if self.services.settings.ws_compression else None
+
+    # ------------------------------------------------------------------ Writer (for the Outbox)
+    @property
+    def is_compressed(self) -> bool:
+        conn = self.ws_connection
+        return conn is not None and getattr(conn, "_compressor", None) is not None
+
+    def write_wire(self, data: bytes) -> asyncio.Future[None] | None:
+        conn = self.ws_connection
+        if conn is None or conn.is_closing():
+            return None
+        try:
+            return conn.stream.write(data)  # type: ignore[attr-defined, no-any-return]
+        except tornado.iostream.StreamClosedError:
+            return None
+
+    def write_payload(self, payload: bytes, binary: bool) -> asyncio.Future[None] | None:
+        try:
+            return self.write_message(payload, binary=binary)  # type: ignore[return-value]
+        except tornado.websocket.WebSocketClosedError:
+            return None
+
+    def close_with(self, code: int, reason: str) -> None:
+        self.close(code, reason.encode()[:123].decode(errors="ignore"))
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> None:
+        s = self.services.settings
+        self.set_nodelay(True)
+        outbox = Outbox(self, self.services.hub.flusher, s.outbox_soft_bytes, s.outbox_hard_bytes)
+        self.peer = Peer(secrets.token_hex(8), self, outbox)
+        self.services.hub.add_peer(self.peer)
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            try:
+                self.services.relay.authenticate(self.peer, token.strip())
+            except WatchoutError as exc:
+                self._fail(exc, None)
+                return
+            self._watch_expiry()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(s.auth_timeout_s, self._auth_timed_out)
+
+    def on_close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        peer = getattr(self, "peer", None)
+        if peer is not None:
+            peer.outbox.is_closed = True
+            self.services.relay.disconnect(peer)
+
+    def _auth_timed_out(self) -> None:
+        if self.peer.principal is None:
+            self._fail(AuthTimeout("no valid token within the authentication time"), None)
+
+    def _watch_expiry(self) -> None:
+        """(Re)arm the close-on-expiry timer after a token was accepted."""
+        principal = self.peer.principal
+        assert principal is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = principal.expires_at - time.time() + self.services.settings.token_expiry_grace_s
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._token_expired)
+
+    def _token_expired(self) -> None:
+        principal = self.peer.principal
+        if principal is not None and principal.expires_at + self.services.settings.token_expiry_grace_s > time.time():
+            self._watch_expiry()  # refreshed meanwhile
+            return
+        self._fail(Unauthenticated("token expired; send auth with a fresh token before it does",
+                                   code="token-expired"), None)
+
+    # ------------------------------------------------------------------ messages
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        msg: Message | None = None
+        try:
+            if not self._within_rate():
+                return None
+            relay = self.services.relay
+            msg = parse_binary(message) if isinstance(message, bytes) else parse_text(message, self.services.limits)
+            if type(msg) is VideoFrame:
+                relay.frame(self.peer, msg)
+                return None
+            if type(msg) is Alert:
+                pending = relay.alert(self.peer, msg)
+                return None if pending is None else self._guarded(pending, msg.ref)
+            if self.peer.principal is None and not isinstance(msg, (Register, Subscribe, Auth)):
+                raise Unauthenticated("authenticate first: register, subscribe or auth with a token",
+                                      code="token-missing")
+            if isinstance(msg, Register):
+                return self._guarded(relay.register(self.peer, msg), msg.ref, authenticates=True)
+            if isinstance(msg, Subscribe):
+                return self._guarded(relay.subscribe(self.peer, msg), msg.ref, authenticates=True)
+            if isinstance(msg, Auth):
+                relay.auth(self.peer, msg)
+                self._authenticated()
+            elif isinstance(msg, Unsubscribe):
+                relay.unsubscribe(self.peer, msg)
+            elif isinstance(msg, Ping):
+                self.peer.send({"type": "pong", **({"ref": msg.ref} if msg.ref else {})})
+        except WatchoutError as exc:
+            self._fail(exc, getattr(msg, "ref", None))
+        except Exception:
+            log.exception("unexpected error handling a message", extra={"conn": self.peer.id})
+            self._fail(WatchoutError(), getattr(msg, "ref", None))
+        return None
+
+    async def _guarded(self, work: Awaitable[None], ref: str | None, authenticates: bool = False) -> None:
+        try:
+            await work
+            if authenticates:
+                self._authenticated()
+        except WatchoutError as exc:
+            self._fail(exc, ref)
+        except Exception:
+            log.exception("unexpected error handling a message", extra={"conn": self.peer.id})
+            self._fail(WatchoutError(), ref)
+
+    def _authenticated(self) -> None:
+        if self.peer.principal is not None:
+            self._watch_expiry()
+
+    def _within_rate(self) -> bool:
+        """Token bucket; over the limit a message is refused, and sustained for a second, 4429."""
+        s = self.services.settings
+        now = time.monotonic()
+        self._tokens = min(float(s.rate_limit_burst), self._tokens + (now - self._refilled) * s.rate_limit_msgs_per_s)
+        self._refilled = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self._limited_since = 0.0
+            return True
+        if not self._limited_since:
+            self._limited_since = now
+        if now - self._limited_since > 1.0:
+            self._fail(RateLimited("message rate limit exceeded for too long"), None)
+        elif now - self._limited_replied > 0.1:
+            self._limited_replied = now
+            self.peer.send(error_message("rate-limited", "too many messages; this one was dropped"))
+        return False
+
+    def _fail(self, exc: WatchoutError, ref: str | None) -> None:
+        """The one place where core errors become an `error` reply or a close code."""
+        reply = error_message(exc.code, exc.message, ref)
+        if exc.close_code is None:
+            self.peer.send(reply)
+            if not isinstance(exc, StoreUnavailable) and self._strike():
+                self.peer.send(error_message("too-many-errors", "too many invalid messages"))
+                self.peer.close(CLOSE_POLICY, "too many invalid messages")
+            return
+        log.info("closing connection: %s (%s)", exc.code, exc.close_code, extra={"conn": self.peer.id})
+        self.peer.send(reply)
+        self.peer.outbox.flush()
+        self.peer.close(exc.close_code, exc.message)
+
+    def _strike(self) -> bool:
+        now = time.monotonic()
+        self._bad.append(now)
+        return len(self._bad) == self._bad.maxlen and now - self._bad[0] < BAD_MESSAGE_WINDOW_S

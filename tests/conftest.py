@@ -1,0 +1,170 @@
+"""Shared fixtures: the real app on a loopback port, real JWTs, and a small WebSocket client."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import tornado.httpclient
+import tornado.httpserver
+import tornado.testing
+import tornado.websocket
+
+from handlers import ROUTES
+from watchout.app import make_app, server_options
+from watchout.auth import mint_token
+from watchout.services import Services, open_services
+from watchout.settings import Settings
+from watchout.store import Store
+
+TEST_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
+JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"
+
+
+def require_services() -> bool:
+    """In CI (WATCHOUT_REQUIRE_SERVICES=1) a missing service fails instead of skipping."""
+    return os.environ.get("WATCHOUT_REQUIRE_SERVICES") == "1"
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(jwt_secret=TEST_SECRET, auth_timeout_s=2.0, ws_ping_interval_s=5.0, ws_ping_timeout_s=5.0,
+                    token_expiry_grace_s=0.5, jwt_leeway_s=0.0, shutdown_timeout_s=2.0,
+                    mongo_url=os.environ.get("WATCHOUT_TEST_MONGO_URI", ""),
+                    mongo_db=f"watchout_test_{os.getpid()}")
+
+
+@dataclass
+class Server:
+    services: Services
+    port: int
+    http: tornado.httpserver.HTTPServer
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+async def start_server(settings: Settings, store: Store | None = None) -> tuple[Server, Any]:
+    """Start the real app on an already-listening loopback socket; returns (server, closer)."""
+    context = open_services(settings, store)
+    services = await context.__aenter__()
+    app = make_app(services, ROUTES)
+    http = tornado.httpserver.HTTPServer(app, **server_options(services))
+    sock, port = tornado.testing.bind_unused_port()
+    http.add_sockets([sock])
+
+    async def close() -> None:
+        http.stop()
+        for peer in list(services.hub.peers.values()):
+            peer.close(1001, "test server stopping")
+        await context.__aexit__(None, None, None)
+        await asyncio.sleep(0)
+
+    return Server(services, port, http), close
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[Server]:
+    srv, close = await start_server(settings)
+    yield srv
+    await close()
+
+
+@pytest.fixture
+def token(settings: Settings) -> Callable[..., str]:
+    def make(sub: str = "alice", role: str = "user", streams: list[str] | str | None = None,
+             ttl_s: int = 3600) -> str:
+        return mint_token(settings.jwt_secret or TEST_SECRET, "HS256", sub, role, streams=streams, ttl_s=ttl_s)
+    return make
+
+
+class Client:
+    """A real WebSocket client (tornado's) with JSON helpers and close-code access."""
+
+    def __init__(self, conn: tornado.websocket.WebSocketClientConnection) -> None:
+        self.conn = conn
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        if isinstance(message, dict):
+            message = json.dumps(message)
+        await self.conn.write_message(message, binary=isinstance(message, bytes))
+
+    async def recv_raw(self, timeout: float = 5.0) -> str | bytes | None:
+        return await asyncio.wait_for(self.conn.read_message(), timeout)
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        raw = await self.recv_raw(timeout)
+        if raw is None:
+            raise ConnectionError(f"closed: {self.conn.close_code} {self.conn.close_reason}")
+        assert isinstance(raw, str), "expected a text message"
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    async def recv_type(self, kind: str, timeout: float = 5.0, **match: Any) -> dict[str, Any]:
+        """Skip messages until one of this type (and these field values) arrives."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError(f"no {kind} message {match}")
+            raw = await self.recv_raw(left)
+            if raw is None:
+                raise ConnectionError(f"closed: {self.conn.close_code} {self.conn.close_reason}")
+            if isinstance(raw, bytes):
+                continue
+            message: dict[str, Any] = json.loads(raw)
+            if message.get("type") == kind and all(message.get(k) == v for k, v in match.items()):
+                return message
+
+    async def closed(self, timeout: float = 5.0) -> tuple[int | None, str | None]:
+        """Read until the server closes; returns (code, reason)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while await asyncio.wait_for(self.conn.read_message(), max(0.01, deadline - asyncio.get_running_loop().time())) \
+                is not None:
+            pass
+        return self.conn.close_code, self.conn.close_reason
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+async def ws_connect(server: Server) -> AsyncIterator[Callable[..., Any]]:
+    clients: list[Client] = []
+
+    async def connect(url: str | None = None, headers: dict[str, str] | None = None) -> Client:
+        request = tornado.httpclient.HTTPRequest(url or server.ws_url, headers=headers or {})
+        client = Client(await tornado.websocket.websocket_connect(request, max_message_size=64 << 20))
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+def frame_message(stream_id: str, jpeg: bytes = JPEG, timestamp: int = 1, **extra: Any) -> dict[str, Any]:
+    return {"type": "video-frame", "streamId": stream_id, "data": base64.b64encode(jpeg).decode(),
+            "timestamp": timestamp, **extra}
+
+
+def alert_message(stream_id: str, **extra: Any) -> dict[str, Any]:
+    message = {"type": "alert", "streamId": stream_id, "severity": "high", "message": "Suspicious person",
+               "metadata": {"confidence": 0.95, "objectType": "person", "location": {"x": 120, "y": 350}},
+               "timestamp": 1764150000000}
+    message.update(extra)
+    return message
+
+
+def replace_settings(settings: Settings, **changes: Any) -> Settings:
+    return dataclasses.replace(settings, **changes)

@@ -1,0 +1,159 @@
+"""Alert intake: store first (batched per stream), then `ack` the sender, then fan out; retries are idempotent."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from watchout.errors import StoreUnavailable
+from watchout.hub import Hub, Peer, StreamState
+from watchout.protocol import Alert, encode, error_message
+from watchout.store import Store, new_alert_id, utcnow
+
+log = logging.getLogger("watchout.alerts")
+MAX_BATCH = 256
+RECENT_IDS = 100_000
+
+
+class _Pending:
+    __slots__ = ("peer", "alert", "sender", "waiters", "result")
+
+    def __init__(self, peer: Peer, alert: Alert, sender: str) -> None:
+        self.peer = peer
+        self.alert = alert
+        self.sender = sender
+        self.waiters: list[tuple[Peer, str | None]] = []  # retries that arrived while this was in flight
+        self.result: tuple[str, int] | None = None
+
+
+class AlertIntake:
+    """Accepts alerts without awaiting the store in the sender's read loop.
+
+    Alerts of one stream are stored in arrival order, in batches of those that arrived while the
+    previous batch was being written; `seq` is allocated per batch with one atomic increment.
+    A client `id` seen recently (or, on MongoDB, stored at all) yields the same alertId and seq and no
+    second fan-out.
+    """
+
+    def __init__(self, store: Store, hub: Hub) -> None:
+        self._store = store
+        self._hub = hub
+        self._queues: dict[str, list[_Pending]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._recent: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
+        self.stored = 0
+
+    def submit(self, peer: Peer, state: StreamState, alert: Alert, sender: str) -> None:
+        key = (alert.stream_id, alert.client_id) if alert.client_id else None
+        if key is not None and key in self._recent:
+            known = self._recent[key]
+            if known.result is None:
+                known.waiters.append((peer, alert.ref))
+            else:
+                _ack(peer, alert.stream_id, known.result, alert.ref, duplicate=True)
+            return
+        pending = _Pending(peer, alert, sender)
+        if key is not None:
+            self._recent[key] = pending
+            if len(self._recent) > RECENT_IDS:
+                self._recent.popitem(last=False)
+        self._queues.setdefault(alert.stream_id, []).append(pending)
+        if alert.stream_id not in self._tasks:
+            self._tasks[alert.stream_id] = asyncio.create_task(self._drain(state))
+
+    async def drain(self) -> None:
+        """Wait until every accepted alert is stored and acknowledged (graceful shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    async def _drain(self, state: StreamState) -> None:
+        sid = state.stream_id
+        queue = self._queues[sid]
+        try:
+            while queue:
+                batch = queue[:MAX_BATCH]
+                del queue[:MAX_BATCH]
+                try:
+                    await self._store_batch(state, batch)
+                except StoreUnavailable as exc:
+                    log.error("alerts for stream %s not stored: %s", sid, exc.message)
+                    self._fail(batch, exc)
+                except Exception:
+                    log.exception("alerts for stream %s not stored", sid)
+                    self._fail(batch, StoreUnavailable("could not store alert"))
+        finally:
+            del self._tasks[sid]
+            if not queue:
+                self._queues.pop(sid, None)
+
+    async def _store_batch(self, state: StreamState, batch: list[_Pending]) -> None:
+        first_seq = await self._store.reserve_seqs(state.stream_id, len(batch))
+        received = utcnow()
+        received_ms = int(received.timestamp() * 1000)
+        docs: list[dict[str, Any]] = []
+        for offset, p in enumerate(batch):
+            a = p.alert
+            docs.append({"alertId": new_alert_id(), "streamId": a.stream_id, "seq": first_seq + offset,
+                         "ownerId": state.owner_id, "senderId": p.sender, "severity": a.severity,
+                         "message": a.message, "metadata": a.metadata, "timestamp": a.timestamp,
+                         "receivedAt": received, "clientId": a.client_id, "acknowledged": None,
+                         "hasSnapshot": a.snapshot is not None})
+        duplicates = await self._store.insert_alerts(docs)
+        for p, doc in zip(batch, docs):
+            if p.alert.snapshot is not None and doc["clientId"] not in duplicates:
+                await self._store.save_snapshot(doc["alertId"], state.stream_id, p.alert.snapshot)
+        for p, doc in zip(batch, docs):
+            if doc["clientId"] is not None and doc["clientId"] in duplicates:
+                await self._settle_duplicate(p)
+                continue
+            p.result = (doc["alertId"], doc["seq"])
+            self.stored += 1
+            self._acknowledge(p)
+            self._hub.publish_alert(state, _live_alert(p.alert, doc, received_ms))
+
+    async def _settle_duplicate(self, p: _Pending) -> None:
+        """Another node (or an earlier run) stored this client id: answer with that row, no fan-out."""
+        assert p.alert.client_id is not None
+        existing = await self._store.find_alert_by_client_id(p.alert.stream_id, p.alert.client_id)
+        if existing is None:  # pragma: no cover - removed between insert and lookup
+            self._fail([p], StoreUnavailable("alert vanished"))
+            return
+        p.result = (existing["alertId"], existing["seq"])
+        _ack(p.peer, p.alert.stream_id, p.result, p.alert.ref, duplicate=True)
+        for peer, ref in p.waiters:
+            _ack(peer, p.alert.stream_id, p.result, ref, duplicate=True)
+
+    def _acknowledge(self, p: _Pending) -> None:
+        assert p.result is not None
+        _ack(p.peer, p.alert.stream_id, p.result, p.alert.ref)
+        for peer, ref in p.waiters:
+            _ack(peer, p.alert.stream_id, p.result, ref, duplicate=True)
+        p.waiters.clear()
+
+    def _fail(self, batch: list[_Pending], exc: StoreUnavailable) -> None:
+        for p in batch:
+            if p.alert.client_id is not None:
+                self._recent.pop((p.alert.stream_id, p.alert.client_id), None)
+            for peer, ref in [(p.peer, p.alert.ref), *p.waiters]:
+                peer.send(error_message(exc.code, f"{exc.message}; send it again", ref))
+
+
+def _ack(peer: Peer, stream_id: str, result: tuple[str, int], ref: str | None, *, duplicate: bool = False) -> None:
+    message: dict[str, Any] = {"type": "ack", "streamId": stream_id, "alertId": result[0], "seq": result[1]}
+    if duplicate:
+        message["duplicate"] = True
+    if ref is not None:
+        message["ref"] = ref
+    peer.send(message)
+
+
+def _live_alert(alert: Alert, doc: dict[str, Any], received_ms: int) -> bytes:
+    """The alert as consumers get it: the sender's fields first, then what the server assigned."""
+    message: dict[str, Any] = {"type": "alert", "streamId": alert.stream_id, "severity": alert.severity,
+                               "message": alert.message, "metadata": alert.metadata,
+                               "timestamp": alert.timestamp, "alertId": doc["alertId"], "seq": doc["seq"],
+                               "receivedAt": received_ms}
+    if alert.snapshot is not None:
+        message["hasSnapshot"] = True
+    return encode(message)

@@ -1,0 +1,145 @@
+"""Token verification (PyJWT) into a Principal, permission checks, and token minting for admins."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from watchout.errors import ConfigError, Forbidden, NotFound, Unauthenticated
+from watchout.settings import Settings
+
+ROLES = ("user", "service", "admin")
+_MAX_STREAMS_CLAIM = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a verified token speaks for. `streams` None means no scope claim; ("*",) means all."""
+
+    sub: str
+    role: str
+    streams: tuple[str, ...] | None
+    expires_at: float
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def in_scope(self, stream_id: str) -> bool:
+        return self.streams is None or "*" in self.streams or stream_id in self.streams
+
+
+class TokenVerifier:
+    """Verifies tokens with the configured key; the algorithms come from Settings, never the token."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._algorithms = list(settings.algorithms)
+        self._key: Any = settings.jwt_secret
+        if settings.jwt_public_key_file:
+            self._key = Path(settings.jwt_public_key_file).read_bytes()
+        if not self._key:
+            raise ConfigError("jwt_secret", "no signing key configured")
+        self._issuer = settings.jwt_issuer or None
+        self._audience = settings.jwt_audience or None
+        self._leeway = settings.jwt_leeway_s
+
+    def verify(self, token: str | None) -> Principal:
+        """Raise Unauthenticated with a reason code (never the token) unless the token is valid."""
+        if not token:
+            raise Unauthenticated("a token is required", code="token-missing")
+        try:
+            claims = jwt.decode(
+                token, self._key, algorithms=self._algorithms, issuer=self._issuer,
+                audience=self._audience, leeway=self._leeway,
+                options={"require": ["exp", "iat", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired", code="token-expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthenticated("token not valid yet", code="token-not-yet-valid") from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
+            raise Unauthenticated("token issuer or audience rejected", code="token-rejected") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthenticated(f"token lacks the {exc.claim} claim", code="token-invalid") from None
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("token invalid", code="token-invalid") from None
+        return _principal(claims)
+
+
+def _principal(claims: dict[str, Any]) -> Principal:
+    sub, role, streams = claims.get("sub"), claims.get("role", "user"), claims.get("streams")
+    if not isinstance(sub, str) or not sub or len(sub) > 128:
+        raise Unauthenticated("token sub must be a non-empty string", code="token-invalid")
+    if role not in ROLES:
+        raise Unauthenticated("token role must be user, service or admin", code="token-invalid")
+    scope: tuple[str, ...] | None = None
+    if streams is not None:
+        if streams == "*":
+            scope = ("*",)
+        elif (isinstance(streams, list) and len(streams) <= _MAX_STREAMS_CLAIM
+              and all(isinstance(s, str) for s in streams)):
+            scope = tuple(streams)
+        else:
+            raise Unauthenticated("token streams must be a list of ids or '*'", code="token-invalid")
+    return Principal(sub, role, scope, float(claims["exp"]))
+
+
+# ----------------------------------------------------------------------------- permissions
+# `owner_id` is the stream's owner from the store, None when the stream does not exist.
+
+def check_produce(p: Principal, stream_id: str, owner_id: str | None) -> None:
+    """May p stream video into this stream (creating it if owner_id is None)? Raises Forbidden."""
+    if p.role == "service":
+        raise Forbidden("service tokens cannot produce video", code="forbidden")
+    if not p.in_scope(stream_id):
+        raise Forbidden("stream outside this token's scope", code="forbidden")
+    if owner_id is not None and owner_id != p.sub and not p.is_admin:
+        raise Forbidden("stream belongs to another user", code="forbidden")
+
+
+def can_watch(p: Principal, stream_id: str, owner_id: str) -> bool:
+    """May p watch frames/alerts of, or send alerts to, this existing stream?"""
+    if p.is_admin:
+        return True
+    if p.role == "service":
+        return p.streams is not None and p.in_scope(stream_id)
+    return owner_id == p.sub and p.in_scope(stream_id)
+
+
+def check_watch(p: Principal, stream_id: str, owner_id: str | None) -> None:
+    """Raise NotFound (the same for a missing and a hidden stream) unless p may watch it."""
+    if owner_id is None or not can_watch(p, stream_id, owner_id):
+        raise NotFound(f"stream {stream_id} not found", code="not-found")
+
+
+# ----------------------------------------------------------------------------- minting
+
+def parse_ttl(text: str) -> int:
+    """'90', '90s', '15m', '1h', '7d' -> seconds. Raises ValueError."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    factor = units.get(text[-1:], None)
+    number = text[:-1] if factor else text
+    seconds = int(float(number) * (factor or 1))
+    if seconds <= 0:
+        raise ValueError("ttl must be positive")
+    return seconds
+
+
+def mint_token(key: str | bytes, algorithm: str, sub: str, role: str, *, streams: list[str] | str | None = None,
+               ttl_s: int = 3600, issuer: str = "", audience: str = "", now: float | None = None) -> str:
+    """A signed token with exp/iat/sub/role (and streams, iss, aud when given)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, Any] = {"sub": sub, "role": role, "iat": issued, "exp": issued + ttl_s}
+    if streams is not None:
+        claims["streams"] = streams
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    return jwt.encode(claims, key, algorithm=algorithm)

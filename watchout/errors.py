@@ -1,0 +1,95 @@
+"""The one error hierarchy: each error knows its stable code, HTTP status and WebSocket close code."""
+from __future__ import annotations
+
+
+class WatchoutError(Exception):
+    """Base class; used as-is it means an unexpected internal failure.
+
+    `close_code` None means a WebSocket gets an `error` reply and stays open.
+    """
+
+    code = "internal"
+    http_status = 500
+    close_code: int | None = 1011
+
+    def __init__(self, message: str = "internal error", *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidMessage(WatchoutError):
+    code = "invalid-message"
+    http_status = 400
+    close_code = None
+
+
+class Unauthenticated(WatchoutError):
+    code = "unauthenticated"
+    http_status = 401
+    close_code = 4401
+
+
+class AuthTimeout(WatchoutError):
+    code = "auth-timeout"
+    http_status = 401
+    close_code = 4408
+
+
+class Forbidden(WatchoutError):
+    code = "forbidden"
+    http_status = 403
+    close_code = 4403
+
+
+class NotFound(WatchoutError):
+    code = "not-found"
+    http_status = 404
+    close_code = None
+
+
+class StreamBusy(WatchoutError):
+    code = "stream-busy"
+    http_status = 409
+    close_code = 4409
+
+
+class TooLarge(WatchoutError):
+    code = "too-large"
+    http_status = 413
+    close_code = 1009
+
+
+class Unprocessable(WatchoutError):
+    code = "unprocessable"
+    http_status = 422
+    close_code = None
+
+
+class RateLimited(WatchoutError):
+    code = "rate-limited"
+    http_status = 429
+    close_code = 4429
+
+
+class SlowConsumer(WatchoutError):
+    code = "slow-consumer"
+    http_status = 503
+    close_code = 4413
+
+
+class StoreUnavailable(WatchoutError):
+    """The database did not answer; the client may retry the same message (alerts are idempotent by `id`)."""
+
+    code = "store-unavailable"
+    http_status = 503
+    close_code = None
+
+
+class ConfigError(Exception):
+    """Bad configuration: start-up stops with this message, which names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config: {key}: {problem}")
+        self.key = key

@@ -1,0 +1,199 @@
+"""Local connections per stream and fan-out to them; nothing here awaits a consumer."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from watchout.auth import Principal
+from watchout.frames import Frame, Outgoing
+from watchout.outbox import Flusher, Outbox, Writer
+from watchout.protocol import encode
+
+STATUS_OFFLINE, STATUS_ONLINE, STATUS_STREAMING = "offline", "online", "streaming"
+
+
+class Peer:
+    """One WebSocket connection as the core sees it."""
+
+    __slots__ = ("id", "principal", "outbox", "producing", "watching", "client_type", "writer", "__weakref__")
+
+    def __init__(self, connection_id: str, writer: Writer, outbox: Outbox) -> None:
+        self.id = connection_id
+        self.writer = writer
+        self.outbox = outbox
+        self.principal: Principal | None = None
+        self.producing: str | None = None
+        self.watching: dict[str, Subscription] = {}
+        self.client_type: str | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.outbox.send(Outgoing(encode(message)))
+
+    def close(self, code: int, reason: str) -> None:
+        self.outbox.is_closed = True
+        self.writer.close_with(code, reason)
+
+
+class Subscription:
+    __slots__ = ("client_type", "video", "alerts", "binary")
+
+    def __init__(self, client_type: str, video: bool, alerts: bool, binary: bool) -> None:
+        self.client_type = client_type
+        self.video = video
+        self.alerts = alerts
+        self.binary = binary
+
+
+class StreamState:
+    """What this node knows live about one stream: its producer, watchers and figures."""
+
+    __slots__ = ("stream_id", "owner_id", "producer", "json_video", "binary_video", "alert_watchers",
+                 "watchers", "status", "frames_in", "frames_relayed", "last_frame_at", "producer_since")
+
+    def __init__(self, stream_id: str, owner_id: str) -> None:
+        self.stream_id = stream_id
+        self.owner_id = owner_id
+        self.producer: Peer | None = None
+        self.json_video: dict[Peer, None] = {}
+        self.binary_video: dict[Peer, None] = {}
+        self.alert_watchers: dict[Peer, None] = {}
+        self.watchers: dict[Peer, Subscription] = {}
+        self.status = STATUS_OFFLINE
+        self.frames_in = 0
+        self.frames_relayed = 0
+        self.last_frame_at = 0.0
+        self.producer_since = 0.0
+
+    @property
+    def is_idle(self) -> bool:
+        return self.producer is None and not self.watchers
+
+    def participants(self) -> Iterable[Peer]:
+        if self.producer is not None:
+            yield self.producer
+        yield from self.watchers
+
+
+class Hub:
+    """All local peers and stream states of this node."""
+
+    def __init__(self) -> None:
+        self.flusher = Flusher()
+        self.peers: dict[str, Peer] = {}
+        self.streams: dict[str, StreamState] = {}
+        self.frames_dropped_closed = 0  # drops counted on connections that have since closed
+        self.frames_relayed_closed = 0
+
+    # ------------------------------------------------------------------ membership
+    def add_peer(self, peer: Peer) -> None:
+        self.peers[peer.id] = peer
+
+    def state(self, stream_id: str, owner_id: str) -> StreamState:
+        state = self.streams.get(stream_id)
+        if state is None:
+            state = self.streams[stream_id] = StreamState(stream_id, owner_id)
+        return state
+
+    def set_producer(self, state: StreamState, peer: Peer, wants_alerts: bool) -> Peer | None:
+        """Make peer the producer; returns the producer it replaced, if any."""
+        previous = state.producer if state.producer is not peer else None
+        if previous is not None:
+            previous.producing = None
+            state.alert_watchers.pop(previous, None)
+        state.producer = peer
+        state.producer_since = time.time()
+        peer.producing = state.stream_id
+        if wants_alerts:
+            state.alert_watchers[peer] = None
+        return previous
+
+    def add_watcher(self, state: StreamState, peer: Peer, sub: Subscription) -> None:
+        self._drop_watcher(state, peer)
+        state.watchers[peer] = sub
+        peer.watching[state.stream_id] = sub
+        if sub.video:
+            (state.binary_video if sub.binary else state.json_video)[peer] = None
+        if sub.alerts:
+            state.alert_watchers[peer] = None
+
+    def remove_watcher(self, state: StreamState, peer: Peer) -> None:
+        self._drop_watcher(state, peer)
+        peer.watching.pop(state.stream_id, None)
+        self._forget_if_idle(state)
+
+    def _drop_watcher(self, state: StreamState, peer: Peer) -> None:
+        state.watchers.pop(peer, None)
+        state.json_video.pop(peer, None)
+        state.binary_video.pop(peer, None)
+        if state.producer is not peer:
+            state.alert_watchers.pop(peer, None)
+
+    def remove_peer(self, peer: Peer) -> StreamState | None:
+        """Forget a closed peer; returns the stream it was producing (now without producer), if any."""
+        self.peers.pop(peer.id, None)
+        self.frames_dropped_closed += peer.outbox.frames_dropped
+        self.frames_relayed_closed += peer.outbox.frames_sent
+        for stream_id in list(peer.watching):
+            state = self.streams.get(stream_id)
+            if state is not None:
+                self.remove_watcher(state, peer)
+        orphaned = None
+        if peer.producing is not None:
+            state = self.streams.get(peer.producing)
+            if state is not None and state.producer is peer:
+                state.producer = None
+                state.alert_watchers.pop(peer, None)
+                state.status = STATUS_OFFLINE
+                orphaned = state
+                self._forget_if_idle(state)
+            peer.producing = None
+        return orphaned
+
+    def _forget_if_idle(self, state: StreamState) -> None:
+        if state.is_idle and self.streams.get(state.stream_id) is state:
+            del self.streams[state.stream_id]
+
+    # ------------------------------------------------------------------ fan-out
+    def publish_frame(self, state: StreamState, frame: Frame) -> None:
+        """Send a frame to every video watcher in the form it asked for; never blocks."""
+        state.frames_in += 1
+        state.last_frame_at = time.time()
+        sid = state.stream_id
+        if state.json_video:
+            message = frame.as_json()
+            for peer in state.json_video:
+                peer.outbox.send(message, sid)
+        if state.binary_video:
+            message = frame.as_binary()
+            for peer in state.binary_video:
+                peer.outbox.send(message, sid)
+        state.frames_relayed += len(state.json_video) + len(state.binary_video)
+
+    def publish_alert(self, state: StreamState, payload: bytes) -> None:
+        message = Outgoing(payload)
+        for peer in state.alert_watchers:
+            peer.outbox.send(message)
+
+    def publish_status(self, state: StreamState, status: str, *, skip: Peer | None = None) -> None:
+        state.status = status
+        message = Outgoing(encode({"type": "status", "streamId": state.stream_id, "status": status,
+                                   "timestamp": int(time.time() * 1000)}))
+        for peer in state.participants():
+            if peer is not skip:
+                peer.outbox.send(message)
+
+    # ------------------------------------------------------------------ figures
+    def figures(self) -> dict[str, Any]:
+        """The seed's /stats figures plus frame counters, for this node."""
+        producers = sum(1 for s in self.streams.values() if s.producer is not None)
+        live = [p.outbox for p in self.peers.values()]
+        return {
+            "totalProducers": producers,
+            "totalVideoConsumers": sum(len(s.json_video) + len(s.binary_video) for s in self.streams.values()),
+            "totalAlertConsumers": sum(len(s.alert_watchers) for s in self.streams.values()),
+            "totalConnections": len(self.peers),
+            "activeStreams": sorted(s.stream_id for s in self.streams.values() if s.producer is not None),
+            "framesRelayed": self.frames_relayed_closed + sum(o.frames_sent for o in live),
+            "framesDropped": self.frames_dropped_closed + sum(o.frames_dropped for o in live),
+        }

@@ -1,0 +1,421 @@
+"""The WebSocket protocol v1: strict parsing of client messages (once) and encoding of server messages.
+
+Error codes a client can receive in `error` replies are the `code=` strings below; docs/protocol.md
+lists them. Sizes are checked before any JSON is parsed.
+"""
+from __future__ import annotations
+
+import binascii
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pybase64
+
+from watchout.errors import InvalidMessage, TooLarge
+from watchout.frames import Frame, parse_binary_frame
+
+STREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+SEVERITIES = ("low", "medium", "high", "critical")
+KINDS = ("video-frame", "alert")
+MAX_ID_CHARS = 128
+MAX_TOKEN_CHARS = 8192
+MAX_ALERT_MESSAGE_CHARS = 2000
+MAX_NESTING = 8
+MAX_DIMENSION = 65535
+MAX_TIMESTAMP_MS = 2**53 - 1
+# A video frame bigger than this is parsed by splicing its base64 out of the JSON first.
+FAST_FRAME_MIN_CHARS = 4096
+_DATA_KEY = b'"data":"'
+
+
+@dataclass(slots=True)
+class Register:
+    stream_id: str
+    token: str | None
+    produces: tuple[str, ...]
+    consumes: tuple[str, ...]
+    ref: str | None
+
+
+@dataclass(slots=True)
+class Subscribe:
+    stream_id: str
+    client_type: str
+    token: str | None
+    produces: tuple[str, ...]
+    consumes: tuple[str, ...]
+    since_seq: int | None
+    binary: bool
+    ref: str | None
+
+
+@dataclass(slots=True)
+class Unsubscribe:
+    stream_id: str
+    ref: str | None
+
+
+@dataclass(slots=True)
+class Auth:
+    token: str
+    ref: str | None
+
+
+@dataclass(slots=True)
+class Ping:
+    ref: str | None
+
+
+@dataclass(slots=True)
+class VideoFrame:
+    frame: Frame
+    ref: str | None
+
+
+@dataclass(slots=True)
+class Alert:
+    stream_id: str
+    severity: str
+    message: str
+    metadata: dict[str, Any]
+    timestamp: int | float
+    snapshot: bytes | None
+    client_id: str | None
+    ref: str | None
+
+
+Message = Register | Subscribe | Unsubscribe | Auth | Ping | VideoFrame | Alert
+
+
+# ----------------------------------------------------------------------------- strict JSON
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise InvalidMessage(f"duplicate key {dup!r}", code="duplicate-key")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidMessage(f"{name} is not valid JSON", code="invalid-number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidMessage(f"number {text[:20]} is out of range", code="invalid-number")
+    return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constant, parse_float=_finite_float)
+
+
+def _loads(text: str | bytes) -> dict[str, Any]:
+    """Parse one JSON object strictly: no duplicate keys, NaN/Infinity, or pathological nesting."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        obj = _DECODER.decode(text)
+    except RecursionError:
+        raise InvalidMessage("JSON nested too deeply", code="too-deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, InvalidMessage):
+            raise
+        raise InvalidMessage(f"not valid JSON: {str(exc)[:80]}", code="invalid-json") from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage("a message must be a JSON object", code="not-an-object")
+    return obj
+
+
+# ----------------------------------------------------------------------------- field checks
+
+def _depth(value: Any, level: int = 1) -> int:
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+class _Fields:
+    """Typed access to one message's fields; unknown and mistyped fields raise InvalidMessage."""
+
+    def __init__(self, obj: dict[str, Any], allowed: frozenset[str]) -> None:
+        unknown = sorted(set(obj) - allowed)
+        if unknown:
+            raise InvalidMessage(f"unknown field {unknown[0]!r} for {obj['type']}", code="unknown-field")
+        self.obj = obj
+
+    def _get(self, name: str, required: bool) -> Any:
+        if name not in self.obj or self.obj[name] is None:
+            if required:
+                raise InvalidMessage(f"{name} is required", code="missing-field")
+            return None
+        return self.obj[name]
+
+    def text(self, name: str, required: bool = False, max_chars: int = MAX_ID_CHARS) -> str | None:
+        value = self._get(name, required)
+        if value is not None and (not isinstance(value, str) or not value or len(value) > max_chars):
+            raise InvalidMessage(f"{name} must be a non-empty string of at most {max_chars} characters",
+                                 code="invalid-field")
+        return value
+
+    def stream_id(self) -> str:
+        value = self._get("streamId", True)
+        if not isinstance(value, str) or not STREAM_ID_RE.fullmatch(value):
+            raise InvalidMessage("streamId must be 1-128 characters of A-Z a-z 0-9 _ . : - "
+                                 "starting with a letter or digit", code="invalid-stream-id")
+        return value
+
+    def number(self, name: str, required: bool = False, low: float = 0, high: float = MAX_TIMESTAMP_MS
+               ) -> int | float | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise InvalidMessage(f"{name} must be a number from {low:g} to {high:g}", code="invalid-field")
+        return value
+
+    def kinds(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(name, False)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(k, str) and k in KINDS for k in value):
+            raise InvalidMessage(f"{name} must be a list of {' / '.join(KINDS)}", code="invalid-field")
+        return tuple(dict.fromkeys(value))
+
+    def token(self) -> str | None:
+        return self.text("token", max_chars=MAX_TOKEN_CHARS)
+
+
+def _ref(obj: dict[str, Any]) -> str | None:
+    value = obj.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise InvalidMessage(f"id must be a non-empty string of at most {MAX_ID_CHARS} characters",
+                             code="invalid-field")
+    return value
+
+
+def _decode_base64(value: Any, name: str, max_bytes: int) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise InvalidMessage(f"{name} must be a non-empty base64 string", code="invalid-field")
+    if len(value) > (max_bytes + 2) // 3 * 4:
+        raise InvalidMessage(f"{name} is larger than {max_bytes} bytes", code=f"{name}-too-large")
+    try:
+        return bytes(pybase64.b64decode(value, validate=True))
+    except (binascii.Error, ValueError):
+        raise InvalidMessage(f"{name} is not valid base64", code="invalid-base64") from None
+
+
+# ----------------------------------------------------------------------------- per type
+
+_COMMON = frozenset({"type", "id"})
+_REGISTER = _COMMON | {"clientType", "streamId", "produces", "consumes", "userId", "token"}
+_SUBSCRIBE = _REGISTER | {"sinceSeq", "format"}
+_UNSUBSCRIBE = _COMMON | {"streamId"}
+_AUTH = _COMMON | {"token", "userId"}
+_FRAME = _COMMON | {"streamId", "data", "timestamp", "width", "height", "format"}
+_ALERT = _COMMON | {"streamId", "severity", "message", "metadata", "timestamp", "snapshot"}
+
+
+class Limits:
+    """The size limits a parser enforces (from Settings)."""
+
+    __slots__ = ("max_control_bytes", "max_metadata_bytes", "max_snapshot_bytes")
+
+    def __init__(self, max_control_bytes: int, max_metadata_bytes: int, max_snapshot_bytes: int) -> None:
+        self.max_control_bytes = max_control_bytes
+        self.max_metadata_bytes = max_metadata_bytes
+        self.max_snapshot_bytes = max_snapshot_bytes
+
+
+def _register(obj: dict[str, Any], limits: Limits) -> Register:
+    f = _Fields(obj, _REGISTER)
+    if f.text("clientType", required=True, max_chars=32) != "mobile":
+        raise InvalidMessage("register is for clientType 'mobile'; consumers use subscribe",
+                             code="invalid-client-type")
+    f.text("userId")  # accepted for the seed's clients, never trusted
+    return Register(f.stream_id(), f.token(), f.kinds("produces", ("video-frame",)),
+                    f.kinds("consumes", ("alert",)), _ref(obj))
+
+
+def _subscribe(obj: dict[str, Any], limits: Limits) -> Subscribe:
+    f = _Fields(obj, _SUBSCRIBE)
+    client_type = f.text("clientType", required=True, max_chars=32)
+    if client_type not in ("dashboard", "ml-service"):
+        raise InvalidMessage("subscribe is for clientType 'dashboard' or 'ml-service'",
+                             code="invalid-client-type")
+    f.text("userId")
+    since = f.number("sinceSeq", high=2**53 - 1)
+    if since is not None and not isinstance(since, int):
+        raise InvalidMessage("sinceSeq must be a whole number", code="invalid-field")
+    form = f.text("format", max_chars=16)
+    if form not in (None, "json", "binary"):
+        raise InvalidMessage("format must be 'json' or 'binary'", code="invalid-field")
+    default_consumes = ("video-frame", "alert") if client_type == "dashboard" else ("video-frame",)
+    default_produces = ("alert",) if client_type == "ml-service" else ()
+    return Subscribe(f.stream_id(), client_type, f.token(), f.kinds("produces", default_produces),
+                     f.kinds("consumes", default_consumes), since, form == "binary", _ref(obj))
+
+
+def _unsubscribe(obj: dict[str, Any], limits: Limits) -> Unsubscribe:
+    return Unsubscribe(_Fields(obj, _UNSUBSCRIBE).stream_id(), _ref(obj))
+
+
+def _auth(obj: dict[str, Any], limits: Limits) -> Auth:
+    f = _Fields(obj, _AUTH)
+    f.text("userId")
+    token = f.token()
+    if token is None:
+        raise InvalidMessage("token is required", code="missing-field")
+    return Auth(token, _ref(obj))
+
+
+def _ping(obj: dict[str, Any], limits: Limits) -> Ping:
+    _Fields(obj, _COMMON)
+    return Ping(_ref(obj))
+
+
+def _frame_fields(obj: dict[str, Any]) -> tuple[str, int, int, int]:
+    f = _Fields(obj, _FRAME)
+    stream_id = f.stream_id()
+    timestamp = f.number("timestamp", required=True)
+    width = f.number("width", high=MAX_DIMENSION) or 0
+    height = f.number("height", high=MAX_DIMENSION) or 0
+    if f.text("format", max_chars=16) not in (None, "jpeg"):
+        raise InvalidMessage("video-frame format must be 'jpeg'", code="invalid-field")
+    return stream_id, int(timestamp or 0), int(width), int(height)
+
+
+def _video_frame(obj: dict[str, Any], limits: Limits) -> VideoFrame:
+    """The general path (small or unusual frames): re-encoded once from the parsed fields."""
+    stream_id, timestamp, width, height = _frame_fields(obj)
+    jpeg = _decode_base64(obj.get("data"), "data", 1 << 40)
+    return VideoFrame(Frame(stream_id, timestamp, width, height, jpeg=jpeg), _ref(obj))
+
+
+def _alert(obj: dict[str, Any], limits: Limits) -> Alert:
+    f = _Fields(obj, _ALERT)
+    stream_id = f.stream_id()
+    severity = obj.get("severity")
+    if severity not in SEVERITIES:
+        raise InvalidMessage(f"severity must be one of {', '.join(SEVERITIES)}", code="invalid-severity")
+    message = f.text("message", required=True, max_chars=MAX_ALERT_MESSAGE_CHARS)
+    timestamp = f.number("timestamp", required=True)
+    metadata = obj.get("metadata", {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise InvalidMessage("metadata must be an object", code="invalid-field")
+    if _depth(metadata) > MAX_NESTING:
+        raise InvalidMessage(f"metadata nests deeper than {MAX_NESTING} levels", code="too-deep")
+    if len(orjson.dumps(metadata)) > limits.max_metadata_bytes:
+        raise InvalidMessage(f"metadata is larger than {limits.max_metadata_bytes} bytes",
+                             code="metadata-too-large")
+    confidence = metadata.get("confidence")
+    if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))
+                                   or not 0 <= confidence <= 1):
+        raise InvalidMessage("metadata.confidence must be a number from 0 to 1", code="invalid-field")
+    if "objectType" in metadata and not isinstance(metadata["objectType"], str):
+        raise InvalidMessage("metadata.objectType must be a string", code="invalid-field")
+    snapshot = None
+    if obj.get("snapshot") is not None:
+        snapshot = _decode_base64(obj["snapshot"], "snapshot", limits.max_snapshot_bytes)
+        if len(snapshot) > limits.max_snapshot_bytes:
+            raise InvalidMessage(f"snapshot is larger than {limits.max_snapshot_bytes} bytes",
+                                 code="snapshot-too-large")
+    assert message is not None and timestamp is not None
+    ref = _ref(obj)
+    return Alert(stream_id, severity, message, metadata, timestamp, snapshot, ref, ref)
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any], Limits], Message]] = {
+    "register": _register,
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
+    "auth": _auth,
+    "ping": _ping,
+    "video-frame": _video_frame,
+    "alert": _alert,
+}
+
+
+def _dispatch(obj: dict[str, Any], limits: Limits) -> Message:
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise InvalidMessage("a message needs a string 'type'", code="missing-field" if kind is None
+                             else "invalid-field")
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise InvalidMessage(f"unknown message type {kind[:40]!r}", code="unknown-type")
+    return parser(obj, limits)
+
+
+def _fast_video_frame(raw: bytes, limits: Limits) -> VideoFrame | None:
+    """Parse a large JSON frame without running its base64 through a JSON parser.
+
+    The envelope (everything but the data string) is parsed strictly; the data is checked as strict
+    base64, which also proves it holds no quote or backslash. The frame is then forwarded as the
+    producer's own bytes. Returns None when the text is not in the plain shape (escapes, odd spacing):
+    the general path handles it.
+    """
+    start = raw.find(_DATA_KEY)
+    if start < 0:
+        return None
+    start += len(_DATA_KEY)
+    end = raw.find(b'"', start)
+    if end < 0:
+        return None
+    try:
+        jpeg = pybase64.b64decode(memoryview(raw)[start:end], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    obj = _loads(raw[:start] + raw[end:])
+    if obj.get("type") != "video-frame" or obj.get("data") != "" or not jpeg:
+        return None
+    stream_id, timestamp, width, height = _frame_fields(obj)
+    frame = Frame(stream_id, timestamp, width, height, json_payload=raw, jpeg=bytes(jpeg))
+    return VideoFrame(frame, _ref(obj))
+
+
+def parse_text(text: str, limits: Limits) -> Message:
+    """Parse one text message. Raises InvalidMessage (reply) or TooLarge (close 1009)."""
+    if len(text) > FAST_FRAME_MIN_CHARS and text.startswith('{"type":"video-frame"'):
+        raw = text.encode("utf-8")
+        message = _fast_video_frame(raw, limits)
+        if message is not None:
+            return message
+    if len(text) > limits.max_control_bytes and '"video-frame"' not in text[:256]:
+        raise TooLarge(f"a non-frame message may be at most {limits.max_control_bytes} bytes")
+    return _dispatch(_loads(text), limits)
+
+
+def parse_binary(data: bytes) -> VideoFrame:
+    """Parse one binary message: always a video frame in the binary layout (watchout.frames)."""
+    stream_id, frame = parse_binary_frame(data)
+    if not STREAM_ID_RE.fullmatch(stream_id):
+        raise InvalidMessage("binary frame has an invalid streamId", code="invalid-stream-id")
+    return VideoFrame(frame, None)
+
+
+# ----------------------------------------------------------------------------- server messages
+
+def encode(message: dict[str, Any]) -> bytes:
+    """A server message as JSON bytes (camelCase keys as given)."""
+    return orjson.dumps(message)
+
+
+def error_message(code: str, text: str, ref: str | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "error", "code": code, "message": text}
+    if ref is not None:
+        message["ref"] = ref
+    return message

@@ -1,0 +1,172 @@
+"""What each client message does: authentication, permissions, stream bookkeeping, then the hub."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from watchout.alerts import AlertIntake
+from watchout.auth import Principal, TokenVerifier, can_watch, check_produce, check_watch
+from watchout.errors import Forbidden, InvalidMessage, NotFound, StoreUnavailable, StreamBusy, Unauthenticated
+from watchout.hub import STATUS_ONLINE, STATUS_STREAMING, Hub, Peer, StreamState, Subscription
+from watchout.protocol import Alert, Auth, Register, Subscribe, Unsubscribe, VideoFrame
+from watchout.store import Store
+
+log = logging.getLogger("watchout.relay")
+
+
+class Relay:
+    """The core operations behind the WebSocket protocol, one method per client message."""
+
+    def __init__(self, store: Store, hub: Hub, verifier: TokenVerifier, intake: AlertIntake) -> None:
+        self.store = store
+        self.hub = hub
+        self.verifier = verifier
+        self.intake = intake
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ identity
+    def authenticate(self, peer: Peer, token: str | None) -> Principal:
+        """Verify a token for this connection; a later token must name the same user."""
+        if token is None:
+            if peer.principal is None:
+                raise Unauthenticated("the first message must carry a token", code="token-missing")
+            return peer.principal
+        principal = self.verifier.verify(token)
+        if peer.principal is not None and principal.sub != peer.principal.sub:
+            raise Unauthenticated("a connection's token cannot change user", code="token-user-changed")
+        peer.principal = principal
+        return principal
+
+    def auth(self, peer: Peer, msg: Auth) -> Principal:
+        principal = self.authenticate(peer, msg.token)
+        _reply(peer, {"type": "authenticated", "sub": principal.sub, "role": principal.role,
+                      "expiresAt": int(principal.expires_at * 1000)}, msg.ref)
+        return principal
+
+    async def _stream(self, stream_id: str) -> StreamState | None:
+        state = self.hub.streams.get(stream_id)
+        if state is not None:
+            return state
+        doc = await self.store.get_stream(stream_id)
+        if doc is None:
+            return None
+        # the hub may have learnt the stream while we awaited the store
+        return self.hub.state(stream_id, doc["ownerId"])
+
+    # ------------------------------------------------------------------ producers
+    async def register(self, peer: Peer, msg: Register) -> None:
+        principal = self.authenticate(peer, msg.token)
+        if peer.watching:
+            raise InvalidMessage("a consuming connection cannot also register as producer",
+                                 code="invalid-client-type")
+        state = await self._stream(msg.stream_id)
+        if state is None:
+            check_produce(principal, msg.stream_id, None)
+            doc = await self.store.create_stream(msg.stream_id, principal.sub)
+            state = self.hub.state(msg.stream_id, doc["ownerId"])
+        check_produce(principal, msg.stream_id, state.owner_id)
+        if peer.producing is not None and peer.producing != msg.stream_id:
+            raise InvalidMessage("this connection already produces another stream", code="invalid-client-type")
+        previous = self.hub.set_producer(state, peer, wants_alerts="alert" in msg.consumes)
+        peer.client_type = "mobile"
+        if previous is not None:
+            busy = StreamBusy("a newer producer took over this stream", code="producer-replaced")
+            previous.send({"type": "error", "code": busy.code, "message": busy.message})
+            assert busy.close_code is not None
+            previous.close(busy.close_code, busy.message)
+        _reply(peer, {"type": "registered", "streamId": msg.stream_id, "connectionId": peer.id,
+                      "status": STATUS_ONLINE}, msg.ref)
+        self.hub.publish_status(state, STATUS_ONLINE, skip=peer)
+        self._in_background(self.store.set_stream_status(msg.stream_id, STATUS_ONLINE))
+        log.info("producer registered", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
+
+    def frame(self, peer: Peer, msg: VideoFrame) -> None:
+        frame = msg.frame
+        state = self.hub.streams.get(frame.stream_id)
+        if state is None or state.producer is not peer:
+            raise Forbidden(f"register as producer of {frame.stream_id} before sending frames",
+                            code="not-producer")
+        if state.status != STATUS_STREAMING:
+            self.hub.publish_status(state, STATUS_STREAMING)
+            self._in_background(self.store.set_stream_status(
+                frame.stream_id, STATUS_STREAMING, frame_at=dt.datetime.now(dt.timezone.utc)))
+        self.hub.publish_frame(state, frame)
+
+    # ------------------------------------------------------------------ consumers
+    async def subscribe(self, peer: Peer, msg: Subscribe) -> None:
+        principal = self.authenticate(peer, msg.token)
+        if peer.producing is not None:
+            raise InvalidMessage("a producing connection cannot also subscribe", code="invalid-client-type")
+        state = await self._stream(msg.stream_id)
+        check_watch(principal, msg.stream_id, state.owner_id if state else None)
+        assert state is not None
+        sub = Subscription(msg.client_type, "video-frame" in msg.consumes, "alert" in msg.consumes, msg.binary)
+        peer.client_type = msg.client_type
+        self.hub.add_watcher(state, peer, sub)
+        _reply(peer, {"type": "subscribed", "streamId": msg.stream_id, "connectionId": peer.id,
+                      "status": state.status, "format": "binary" if msg.binary else "json"}, msg.ref)
+        log.info("consumer subscribed", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
+
+    def unsubscribe(self, peer: Peer, msg: Unsubscribe) -> None:
+        state = self.hub.streams.get(msg.stream_id)
+        if state is None or msg.stream_id not in peer.watching:
+            raise NotFound(f"not subscribed to {msg.stream_id}", code="not-subscribed")
+        self.hub.remove_watcher(state, peer)
+        _reply(peer, {"type": "unsubscribed", "streamId": msg.stream_id}, msg.ref)
+
+    def alert(self, peer: Peer, msg: Alert) -> Coroutine[Any, Any, None] | None:
+        """Check the sender may alert on the stream and hand the alert to the intake.
+
+        Returns a coroutine only when the stream must first be read from the store; the common case
+        (a live stream) finishes here, so the sender's read loop never waits for the database.
+        """
+        principal = self.authenticate(peer, None)
+        state = self.hub.streams.get(msg.stream_id)
+        if state is None:
+            return self._alert_unknown_stream(peer, principal, msg)
+        self._submit_alert(peer, principal, state, msg)
+        return None
+
+    async def _alert_unknown_stream(self, peer: Peer, principal: Principal, msg: Alert) -> None:
+        self._submit_alert(peer, principal, await self._stream(msg.stream_id), msg)
+
+    def _submit_alert(self, peer: Peer, principal: Principal, state: StreamState | None, msg: Alert) -> None:
+        if state is None or not can_watch(principal, msg.stream_id, state.owner_id):
+            raise NotFound(f"stream {msg.stream_id} not found", code="not-found")
+        self.intake.submit(peer, state, msg, principal.sub)
+
+    # ------------------------------------------------------------------ lifecycle
+    def disconnect(self, peer: Peer) -> None:
+        orphaned = self.hub.remove_peer(peer)
+        if orphaned is not None:
+            self.hub.publish_status(orphaned, "offline")
+            self._in_background(self.store.set_stream_status(orphaned.stream_id, "offline"))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(_logged(work))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Finish pending alert writes and status updates (graceful shutdown)."""
+        await self.intake.drain()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _logged(work: Coroutine[Any, Any, None]) -> None:
+    try:
+        await work
+    except StoreUnavailable as exc:
+        log.error("background store update failed: %s", exc.message)
+    except Exception:
+        log.exception("background store update failed")
+
+
+def _reply(peer: Peer, message: dict[str, Any], ref: str | None) -> None:
+    if ref is not None:
+        message["ref"] = ref
+    peer.send(message)

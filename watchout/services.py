@@ -1,0 +1,64 @@
+"""Services: everything the handlers and jobs need, opened and closed together."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from watchout.alerts import AlertIntake
+from watchout.auth import TokenVerifier
+from watchout.hub import Hub
+from watchout.protocol import Limits
+from watchout.relay import Relay
+from watchout.settings import Settings
+from watchout.store import Store
+
+log = logging.getLogger("watchout.services")
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    store: Store
+    hub: Hub
+    verifier: TokenVerifier
+    relay: Relay
+    limits: Limits
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def intake(self) -> AlertIntake:
+        return self.relay.intake
+
+
+def build_services(settings: Settings, store: Store) -> Services:
+    """Wire the core around an open store (tests pass one store to several apps to simulate restarts)."""
+    hub = Hub()
+    verifier = TokenVerifier(settings)
+    relay = Relay(store, hub, verifier, AlertIntake(store, hub))
+    limits = Limits(settings.max_control_message_bytes, settings.max_metadata_bytes, settings.max_snapshot_bytes)
+    return Services(settings, store, hub, verifier, relay, limits)
+
+
+@asynccontextmanager
+async def open_services(settings: Settings, store: Store | None = None) -> AsyncIterator[Services]:
+    """Open the store (unless given), create indexes, yield Services; on exit finish pending writes.
+
+    A store passed in is left open for its owner.
+    """
+    own_store = store is None
+    if store is None:
+        store = Store.open(settings)
+        if store.is_embedded:
+            log.warning("using the embedded in-process store: nothing is kept when the process stops "
+                        "(set mongo_url to keep data in MongoDB)")
+    await store.ensure_indexes()
+    services = build_services(settings, store)
+    try:
+        yield services
+    finally:
+        await services.relay.drain()
+        if own_store:
+            store.close()

@@ -1,0 +1,216 @@
+"""Settings: one frozen object built once from watchout.toml, WATCHOUT_* variables and CLI flags."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from watchout.errors import ConfigError
+
+ENV_PREFIX = "WATCHOUT_"
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+MIN_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Every key; `config/watchout.toml` documents each one (a test keeps the two equal).
+
+    Names are unique across the file's sections; each has the variable WATCHOUT_<NAME>.
+    """
+
+    # [server]
+    host: str = "127.0.0.1"
+    port: int = 3000
+    log_format: str = "text"
+    log_level: str = "info"
+    trusted_origins: tuple[str, ...] = ()
+    idle_connection_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 5.0
+    # [auth]
+    jwt_secret: str = field(default="", repr=False)
+    jwt_public_key_file: str = ""
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway_s: float = 10.0
+    auth_timeout_s: float = 10.0
+    token_expiry_grace_s: float = 5.0
+    # [store]
+    mongo_url: str = field(default="", repr=False)
+    mongo_db: str = "watchout"
+    # [broker]
+    broker_url: str = field(default="", repr=False)
+    # [websocket]
+    ws_ping_interval_s: float = 20.0
+    ws_ping_timeout_s: float = 10.0
+    ws_compression: bool = False
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_control_message_bytes: int = 1024 * 1024
+    max_metadata_bytes: int = 16 * 1024
+    max_snapshot_bytes: int = 512 * 1024
+    outbox_soft_bytes: int = 2 * 1024 * 1024
+    outbox_hard_bytes: int = 16 * 1024 * 1024
+    rate_limit_msgs_per_s: float = 10000.0
+    rate_limit_burst: int = 20000
+    max_bad_messages: int = 10
+    # [jobs]
+    offline_after_s: float = 30.0
+    offline_check_s: float = 15.0
+
+    @property
+    def is_embedded_store(self) -> bool:
+        return not self.mongo_url
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The accepted JWT algorithms: configured, or the family of the configured key."""
+        if self.jwt_algorithms:
+            return self.jwt_algorithms
+        return ("RS256",) if self.jwt_public_key_file else ("HS256",)
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _convert(key: str, raw: Any, from_text: bool) -> Any:
+    """Coerce one value to the field's type; raise ConfigError naming the key."""
+    kind = FIELDS[key].type
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if from_text and str(raw).strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if from_text and str(raw).strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind == "int":
+            if isinstance(raw, bool) or (not from_text and not isinstance(raw, int)):
+                raise ValueError
+            return int(raw)
+        if kind == "float":
+            if isinstance(raw, bool) or (not from_text and not isinstance(raw, (int, float))):
+                raise ValueError
+            return float(raw)
+        if kind == "str":
+            if not from_text and not isinstance(raw, str):
+                raise ValueError
+            return str(raw)
+        if kind == "tuple[str, ...]":
+            if from_text:
+                return tuple(p.strip() for p in str(raw).split(",") if p.strip())
+            if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+                raise ValueError
+            return tuple(raw)
+    except ValueError:
+        raise ConfigError(key, f"expected {kind}, got {raw!r}") from None
+    raise ConfigError(key, f"unsupported type {kind}")  # pragma: no cover - a Settings field of a new type
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            document = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for section, table in document.items():
+        if not isinstance(table, dict):
+            raise ConfigError(section, "top-level keys belong in a [section]")
+        for key, value in table.items():
+            if key not in FIELDS:
+                raise ConfigError(f"{section}.{key}", "unknown setting")
+            values[key] = _convert(key, value, from_text=False)
+    return values
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """File, then WATCHOUT_* variables, then CLI overrides (already typed); validated.
+
+    Raises ConfigError naming the offending key.
+    """
+    values: dict[str, Any] = {}
+    env = dict(environ or {})
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = env[ENV_PREFIX + "CONFIG"]
+    if path is not None:
+        values.update(_read_file(Path(path)))
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key in FIELDS:
+            values[key] = _convert(key, raw, from_text=True)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Raise ConfigError for the first key whose value cannot work."""
+    if not 0 <= s.port <= 65535:
+        raise ConfigError("port", f"must be 0..65535, got {s.port}")
+    if s.log_format not in LOG_FORMATS:
+        raise ConfigError("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+    if s.log_level not in LOG_LEVELS:
+        raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    positive = ("auth_timeout_s", "max_message_bytes", "max_control_message_bytes", "outbox_soft_bytes",
+                "outbox_hard_bytes", "rate_limit_msgs_per_s", "rate_limit_burst", "max_bad_messages",
+                "offline_after_s", "offline_check_s", "shutdown_timeout_s", "max_metadata_bytes",
+                "max_snapshot_bytes", "idle_connection_timeout_s")
+    for key in positive:
+        if getattr(s, key) <= 0:
+            raise ConfigError(key, "must be greater than 0")
+    for key in ("ws_ping_interval_s", "ws_ping_timeout_s", "token_expiry_grace_s"):
+        if getattr(s, key) < 0:
+            raise ConfigError(key, "must be 0 or more")
+    if s.ws_ping_interval_s and s.ws_ping_timeout_s > s.ws_ping_interval_s:
+        raise ConfigError("ws_ping_timeout_s", "must not exceed ws_ping_interval_s")
+    if not 0 <= s.jwt_leeway_s <= 30:
+        raise ConfigError("jwt_leeway_s", "must be between 0 and 30 seconds")
+    if s.outbox_hard_bytes < s.outbox_soft_bytes:
+        raise ConfigError("outbox_hard_bytes", "must be at least outbox_soft_bytes")
+    if s.max_control_message_bytes > s.max_message_bytes:
+        raise ConfigError("max_control_message_bytes", "must not exceed max_message_bytes")
+    _validate_jwt(s)
+    if s.mongo_url and not s.mongo_url.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError("mongo_url", "must start with mongodb:// or mongodb+srv://")
+    if s.broker_url:
+        raise ConfigError("broker_url", "a Redis broker is not available in this version; leave it empty")
+
+
+def _validate_jwt(s: Settings) -> None:
+    if s.jwt_secret and s.jwt_public_key_file:
+        raise ConfigError("jwt_public_key_file", "set either jwt_secret or jwt_public_key_file, not both")
+    if s.jwt_secret and len(s.jwt_secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError("jwt_secret", f"must be at least {MIN_SECRET_BYTES} bytes")
+    if s.jwt_public_key_file and not Path(s.jwt_public_key_file).is_file():
+        raise ConfigError("jwt_public_key_file", f"file not found: {s.jwt_public_key_file}")
+    family = PUBLIC_KEY_ALGORITHMS if s.jwt_public_key_file else HMAC_ALGORITHMS
+    for alg in s.algorithms:
+        if alg not in family:
+            raise ConfigError("jwt_algorithms", f"{alg} does not fit the configured key "
+                              f"(allowed: {', '.join(family)})")
+
+
+def with_values(settings: Settings, **changes: Any) -> Settings:
+    """A validated copy with some values changed (used for the embedded run's generated secret)."""
+    updated = dataclasses.replace(settings, **changes)
+    validate(updated)
+    return updated

@@ -1,0 +1,186 @@
+"""MongoDB access: the only module that imports motor or mongomock-motor, and the only one that knows `_id`."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import pymongo
+from bson import ObjectId
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.write_concern import WriteConcern
+
+from watchout.errors import StoreUnavailable
+from watchout.settings import Settings
+
+log = logging.getLogger("watchout.store")
+ASC, DESC = pymongo.ASCENDING, pymongo.DESCENDING
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_alert_id() -> str:
+    return str(ObjectId())
+
+
+class Store:
+    """Streams, alerts and snapshots. Every method raises StoreUnavailable when the database fails.
+
+    On the embedded store (mongomock-motor) unique indexes are not created: mongomock checks them by
+    scanning the whole collection on every insert. The embedded store has one writer (this process),
+    which allocates `seq` atomically; alert ids are de-duplicated by the caller.
+    """
+
+    def __init__(self, client: Any, db_name: str, *, is_embedded: bool) -> None:
+        self._client = client
+        self.is_embedded = is_embedded
+        db = client[db_name]
+        self._streams = db["streams"]
+        self._alerts = db["alerts"]
+        self._snapshots = db["snapshots"]
+        if not is_embedded:
+            self._alerts = self._alerts.with_options(write_concern=WriteConcern("majority"))
+
+    @classmethod
+    def open(cls, settings: Settings) -> Store:
+        """Create the client; call inside the running event loop."""
+        if settings.is_embedded_store:
+            from mongomock_motor import AsyncMongoMockClient
+            return cls(AsyncMongoMockClient(tz_aware=True), settings.mongo_db, is_embedded=True)
+        from motor.motor_asyncio import AsyncIOMotorClient
+        client = AsyncIOMotorClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+        return cls(client, settings.mongo_db, is_embedded=False)
+
+    async def ensure_indexes(self) -> None:
+        unique = not self.is_embedded
+        try:
+            await self._alerts.create_index([("streamId", ASC), ("seq", ASC)], unique=unique, name="stream_seq")
+            await self._alerts.create_index(
+                [("streamId", ASC), ("clientId", ASC)], unique=unique, name="stream_client_id",
+                partialFilterExpression={"clientId": {"$type": "string"}})
+            await self._alerts.create_index([("ownerId", ASC), ("receivedAt", DESC)], name="owner_time")
+            await self._alerts.create_index([("streamId", ASC), ("receivedAt", DESC)], name="stream_time")
+            await self._streams.create_index([("ownerId", ASC), ("createdAt", DESC)], name="owner_created")
+            await self._streams.create_index([("status", ASC), ("lastSeenAt", ASC)], name="status_seen")
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"could not create indexes: {exc}") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._client.admin.command("ping")
+        except PyMongoError as exc:
+            raise StoreUnavailable("database did not answer") from exc
+
+    def close(self) -> None:
+        self._client.close()
+
+    # ------------------------------------------------------------------ streams
+    async def get_stream(self, stream_id: str) -> dict[str, Any] | None:
+        try:
+            doc = await self._streams.find_one({"_id": stream_id})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read stream") from exc
+        return _stream_out(doc) if doc else None
+
+    async def create_stream(self, stream_id: str, owner_id: str, name: str | None = None) -> dict[str, Any]:
+        """Insert a stream; if another request created it first, return that one."""
+        now = utcnow()
+        doc = {"_id": stream_id, "ownerId": owner_id, "name": name or stream_id, "status": "offline",
+               "createdAt": now, "lastSeenAt": None, "lastFrameAt": None, "alertSeq": 0}
+        try:
+            await self._streams.insert_one(doc)
+        except DuplicateKeyError:
+            existing = await self.get_stream(stream_id)
+            if existing is None:  # pragma: no cover - deleted between the two calls
+                raise StoreUnavailable("stream vanished while being created") from None
+            return existing
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not create stream") from exc
+        return _stream_out(doc)
+
+    async def set_stream_status(self, stream_id: str, status: str, *, frame_at: dt.datetime | None = None) -> None:
+        update: dict[str, Any] = {"status": status, "lastSeenAt": utcnow()}
+        if frame_at is not None:
+            update["lastFrameAt"] = frame_at
+        try:
+            await self._streams.update_one({"_id": stream_id}, {"$set": update})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not update stream status") from exc
+
+    # ------------------------------------------------------------------ alerts
+    async def reserve_seqs(self, stream_id: str, count: int) -> int:
+        """Atomically take `count` sequence numbers; returns the first."""
+        try:
+            doc = await self._streams.find_one_and_update(
+                {"_id": stream_id}, {"$inc": {"alertSeq": count}},
+                projection={"alertSeq": True}, return_document=pymongo.ReturnDocument.AFTER)
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not allocate alert numbers") from exc
+        if doc is None:
+            raise StoreUnavailable(f"stream {stream_id} disappeared")
+        return int(doc["alertSeq"]) - count + 1
+
+    async def insert_alerts(self, alerts: list[dict[str, Any]]) -> set[str]:
+        """Store alerts (each with `alertId`); returns the clientIds that were already stored."""
+        docs = [_alert_in(a) for a in alerts]
+        try:
+            await self._alerts.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            dup_codes = {11000, 11001}
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") not in dup_codes for e in errors):
+                raise StoreUnavailable("could not store alerts") from exc
+            return {docs[e["index"]].get("clientId") for e in errors if docs[e["index"]].get("clientId")}
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not store alerts") from exc
+        return set()
+
+    async def find_alert_by_client_id(self, stream_id: str, client_id: str) -> dict[str, Any] | None:
+        try:
+            doc = await self._alerts.find_one({"streamId": stream_id, "clientId": client_id})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read alert") from exc
+        return _alert_out(doc) if doc else None
+
+    async def count_alerts(self, stream_id: str) -> int:
+        try:
+            return int(await self._alerts.count_documents({"streamId": stream_id}))
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not count alerts") from exc
+
+    async def list_alerts(self, stream_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Alerts of one stream in seq order (full history queries arrive with the REST API)."""
+        try:
+            cursor = self._alerts.find({"streamId": stream_id}).sort("seq", ASC).limit(limit)
+            return [_alert_out(d) async for d in cursor]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read alerts") from exc
+
+    async def save_snapshot(self, alert_id: str, stream_id: str, jpeg: bytes) -> None:
+        try:
+            await self._snapshots.insert_one({"_id": alert_id, "streamId": stream_id, "jpeg": jpeg,
+                                              "createdAt": utcnow()})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not store snapshot") from exc
+
+
+def _stream_out(doc: dict[str, Any]) -> dict[str, Any]:
+    out = dict(doc)
+    out["streamId"] = out.pop("_id")
+    return out
+
+
+def _alert_in(alert: dict[str, Any]) -> dict[str, Any]:
+    doc = dict(alert)
+    doc["_id"] = ObjectId(doc.pop("alertId"))
+    if doc.get("clientId") is None:
+        doc.pop("clientId", None)
+    return doc
+
+
+def _alert_out(doc: dict[str, Any]) -> dict[str, Any]:
+    out = dict(doc)
+    out["alertId"] = str(out.pop("_id"))
+    return out
