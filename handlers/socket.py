@@ -35,11 +35,12 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
     def initialize(self, services: Services) -> None:
         self.services = services
         self._timer: asyncio.TimerHandle | None = None
-        self._bad: deque[float] = deque(maxlen=services.settings.max_bad_messages)
+        self._bad: deque[float] | None = None  # times of recent invalid messages, made on the first
         self._tokens = float(services.settings.rate_limit_burst)
         self._refilled = time.monotonic()
         self._limited_since = 0.0
         self._limited_replied = 0.0
+        self._refused_at = 0.0
 
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.services.settings.ws_compression else None
@@ -167,17 +168,21 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
             self._watch_expiry()
 
     def _within_rate(self) -> bool:
-        """Token bucket; over the limit a message is refused, and sustained for a second, 4429."""
+        """Token bucket; over the limit a message is refused, and sustained for a second, 4429.
+
+        A flood still gets a message through each time a token refills, so an admitted message does
+        not end a period of limiting; only a second without refusals does.
+        """
         s = self.services.settings
         now = time.monotonic()
         self._tokens = min(float(s.rate_limit_burst), self._tokens + (now - self._refilled) * s.rate_limit_msgs_per_s)
         self._refilled = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
-            self._limited_since = 0.0
             return True
-        if not self._limited_since:
+        if now - self._refused_at > 1.0:
             self._limited_since = now
+        self._refused_at = now
         if now - self._limited_since > 1.0:
             self._fail(RateLimited("message rate limit exceeded for too long"), None)
         elif now - self._limited_replied > 0.1:
@@ -187,19 +192,21 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
 
     def _fail(self, exc: WatchoutError, ref: str | None) -> None:
         """The one place where core errors become an `error` reply or a close code."""
-        reply = error_message(exc.code, exc.message, ref)
+        reply = error_message(exc.code, exc.message, ref or exc.ref)
         if exc.close_code is None:
             self.peer.send(reply)
             if not isinstance(exc, StoreUnavailable) and self._strike():
                 self.peer.send(error_message("too-many-errors", "too many invalid messages"))
+                self.peer.outbox.flush()
                 self.peer.close(CLOSE_POLICY, "too many invalid messages")
             return
         log.info("closing connection: %s (%s)", exc.code, exc.close_code, extra={"conn": self.peer.id})
         self.peer.send(reply)
-        self.peer.outbox.flush()
         self.peer.close(exc.close_code, exc.message)
 
     def _strike(self) -> bool:
         now = time.monotonic()
+        if self._bad is None:
+            self._bad = deque(maxlen=self.services.settings.max_bad_messages)
         self._bad.append(now)
         return len(self._bad) == self._bad.maxlen and now - self._bad[0] < BAD_MESSAGE_WINDOW_S

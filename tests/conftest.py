@@ -64,11 +64,15 @@ async def start_server(settings: Settings, store: Store | None = None) -> tuple[
     http.add_sockets([sock])
 
     async def close() -> None:
+        """Like SIGTERM on `watchout serve`: stop accepting, close sockets with 1001, finish writes."""
         http.stop()
         for peer in list(services.hub.peers.values()):
             peer.close(1001, "test server stopping")
+        for _ in range(200):
+            if not services.hub.peers:
+                break
+            await asyncio.sleep(0.01)
         await context.__aexit__(None, None, None)
-        await asyncio.sleep(0)
 
     return Server(services, port, http), close
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from watchout.settings import Settings
 
 ROLES = ("user", "service", "admin")
 _MAX_STREAMS_CLAIM = 1000
+_VERIFIED_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +47,28 @@ class TokenVerifier:
         self._issuer = settings.jwt_issuer or None
         self._audience = settings.jwt_audience or None
         self._leeway = settings.jwt_leeway_s
+        # Tokens whose signature and claims already passed: a reconnecting fleet presents the same
+        # tokens again, and only the expiry can change its verdict.
+        self._verified: OrderedDict[str, Principal] = OrderedDict()
 
     def verify(self, token: str | None) -> Principal:
         """Raise Unauthenticated with a reason code (never the token) unless the token is valid."""
         if not token:
             raise Unauthenticated("a token is required", code="token-missing")
+        known = self._verified.get(token)
+        if known is not None:
+            if known.expires_at + self._leeway <= time.time():
+                del self._verified[token]
+                raise Unauthenticated("token expired", code="token-expired")
+            self._verified.move_to_end(token)
+            return known
+        principal = self._decode(token)
+        self._verified[token] = principal
+        if len(self._verified) > _VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _decode(self, token: str) -> Principal:
         try:
             claims = jwt.decode(
                 token, self._key, algorithms=self._algorithms, issuer=self._issuer,

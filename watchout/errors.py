@@ -11,6 +11,7 @@ class WatchoutError(Exception):
     code = "internal"
     http_status = 500
     close_code: int | None = 1011
+    ref: str | None = None  # the `id` of the client message that caused it, when known
 
     def __init__(self, message: str = "internal error", *, code: str | None = None) -> None:
         super().__init__(message)

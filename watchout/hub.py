@@ -31,6 +31,8 @@ class Peer:
         self.outbox.send(Outgoing(encode(message)))
 
     def close(self, code: int, reason: str) -> None:
+        """Write what is queued (e.g. the error that explains the close), then close with `code`."""
+        self.outbox.flush()
         self.outbox.is_closed = True
         self.writer.close_with(code, reason)
 

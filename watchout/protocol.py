@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 import pybase64
@@ -136,7 +136,22 @@ def _loads(text: str | bytes) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- field checks
 
+def _is_text(value: Any, max_chars: int) -> TypeGuard[str]:
+    """A non-empty str that can be re-encoded: a JSON \\u escape can smuggle in a lone surrogate."""
+    if not isinstance(value, str) or not value or len(value) > max_chars:
+        return False
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
 def _depth(value: Any, level: int = 1) -> int:
+    """Nesting depth, counted only up to MAX_NESTING + 1 so the recursion stays shallow."""
+    if level > MAX_NESTING:
+        return level
     if isinstance(value, dict):
         return max((_depth(v, level + 1) for v in value.values()), default=level)
     if isinstance(value, list):
@@ -162,7 +177,7 @@ class _Fields:
 
     def text(self, name: str, required: bool = False, max_chars: int = MAX_ID_CHARS) -> str | None:
         value = self._get(name, required)
-        if value is not None and (not isinstance(value, str) or not value or len(value) > max_chars):
+        if value is not None and not _is_text(value, max_chars):
             raise InvalidMessage(f"{name} must be a non-empty string of at most {max_chars} characters",
                                  code="invalid-field")
         return value
@@ -199,7 +214,7 @@ def _ref(obj: dict[str, Any]) -> str | None:
     value = obj.get("id")
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+    if not _is_text(value, MAX_ID_CHARS):
         raise InvalidMessage(f"id must be a non-empty string of at most {MAX_ID_CHARS} characters",
                              code="invalid-field")
     return value
@@ -318,7 +333,11 @@ def _alert(obj: dict[str, Any], limits: Limits) -> Alert:
         raise InvalidMessage("metadata must be an object", code="invalid-field")
     if _depth(metadata) > MAX_NESTING:
         raise InvalidMessage(f"metadata nests deeper than {MAX_NESTING} levels", code="too-deep")
-    if len(orjson.dumps(metadata)) > limits.max_metadata_bytes:
+    try:
+        metadata_size = len(orjson.dumps(metadata, option=orjson.OPT_STRICT_INTEGER))
+    except orjson.JSONEncodeError:  # integers past 2**53 (JSON-safe, BSON-safe), lone surrogates (\ud800)
+        raise InvalidMessage("metadata holds a value that cannot be relayed", code="invalid-field") from None
+    if metadata_size > limits.max_metadata_bytes:
         raise InvalidMessage(f"metadata is larger than {limits.max_metadata_bytes} bytes",
                              code="metadata-too-large")
     confidence = metadata.get("confidence")
@@ -349,15 +368,25 @@ _PARSERS: dict[str, Callable[[dict[str, Any], Limits], Message]] = {
 }
 
 
+def _attach_ref(exc: InvalidMessage, obj: dict[str, Any]) -> None:
+    """Let the error reply carry the message's `id` as `ref`, when that id is itself valid."""
+    if exc.ref is None and _is_text(obj.get("id"), MAX_ID_CHARS):
+        exc.ref = obj["id"]
+
+
 def _dispatch(obj: dict[str, Any], limits: Limits) -> Message:
-    kind = obj.get("type")
-    if not isinstance(kind, str):
-        raise InvalidMessage("a message needs a string 'type'", code="missing-field" if kind is None
-                             else "invalid-field")
-    parser = _PARSERS.get(kind)
-    if parser is None:
-        raise InvalidMessage(f"unknown message type {kind[:40]!r}", code="unknown-type")
-    return parser(obj, limits)
+    try:
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            raise InvalidMessage("a message needs a string 'type'", code="missing-field" if kind is None
+                                 else "invalid-field")
+        parser = _PARSERS.get(kind)
+        if parser is None:
+            raise InvalidMessage(f"unknown message type {kind[:40]!r}", code="unknown-type")
+        return parser(obj, limits)
+    except InvalidMessage as exc:
+        _attach_ref(exc, obj)
+        raise
 
 
 def _fast_video_frame(raw: bytes, limits: Limits) -> VideoFrame | None:
@@ -382,7 +411,11 @@ def _fast_video_frame(raw: bytes, limits: Limits) -> VideoFrame | None:
     obj = _loads(raw[:start] + raw[end:])
     if obj.get("type") != "video-frame" or obj.get("data") != "" or not jpeg:
         return None
-    stream_id, timestamp, width, height = _frame_fields(obj)
+    try:
+        stream_id, timestamp, width, height = _frame_fields(obj)
+    except InvalidMessage as exc:
+        _attach_ref(exc, obj)
+        raise
     frame = Frame(stream_id, timestamp, width, height, json_payload=raw, jpeg=bytes(jpeg))
     return VideoFrame(frame, _ref(obj))
 
@@ -396,7 +429,11 @@ def parse_text(text: str, limits: Limits) -> Message:
             return message
     if len(text) > limits.max_control_bytes and '"video-frame"' not in text[:256]:
         raise TooLarge(f"a non-frame message may be at most {limits.max_control_bytes} bytes")
-    return _dispatch(_loads(text), limits)
+    obj = _loads(text)
+    if len(text) > limits.max_control_bytes and obj.get("type") != "video-frame":
+        # the check above only spares the parser; '"video-frame"' may sit in another field
+        raise TooLarge(f"a non-frame message may be at most {limits.max_control_bytes} bytes")
+    return _dispatch(obj, limits)
 
 
 def parse_binary(data: bytes) -> VideoFrame:

@@ -63,10 +63,12 @@ class Relay:
             raise InvalidMessage("a consuming connection cannot also register as producer",
                                  code="invalid-client-type")
         state = await self._stream(msg.stream_id)
+        created = False
         if state is None:
             check_produce(principal, msg.stream_id, None)
-            doc = await self.store.create_stream(msg.stream_id, principal.sub)
+            doc = await self.store.create_stream(msg.stream_id, principal.sub, status=STATUS_ONLINE)
             state = self.hub.state(msg.stream_id, doc["ownerId"])
+            created = doc["ownerId"] == principal.sub and doc["status"] == STATUS_ONLINE
         check_produce(principal, msg.stream_id, state.owner_id)
         if peer.producing is not None and peer.producing != msg.stream_id:
             raise InvalidMessage("this connection already produces another stream", code="invalid-client-type")
@@ -80,13 +82,17 @@ class Relay:
         _reply(peer, {"type": "registered", "streamId": msg.stream_id, "connectionId": peer.id,
                       "status": STATUS_ONLINE}, msg.ref)
         self.hub.publish_status(state, STATUS_ONLINE, skip=peer)
-        self._in_background(self.store.set_stream_status(msg.stream_id, STATUS_ONLINE))
+        if not created:
+            self._in_background(self.store.set_stream_status(msg.stream_id, STATUS_ONLINE))
         log.info("producer registered", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
 
     def frame(self, peer: Peer, msg: VideoFrame) -> None:
         frame = msg.frame
         state = self.hub.streams.get(frame.stream_id)
         if state is None or state.producer is not peer:
+            if peer.principal is None:
+                raise Unauthenticated("authenticate first: register, subscribe or auth with a token",
+                                      code="token-missing")
             raise Forbidden(f"register as producer of {frame.stream_id} before sending frames",
                             code="not-producer")
         if state.status != STATUS_STREAMING:
@@ -153,7 +159,7 @@ class Relay:
     async def drain(self) -> None:
         """Finish pending alert writes and status updates (graceful shutdown)."""
         await self.intake.drain()
-        if self._background:
+        while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 

@@ -48,6 +48,7 @@ class Store:
         """Create the client; call inside the running event loop."""
         if settings.is_embedded_store:
             from mongomock_motor import AsyncMongoMockClient
+            _install_mongomock_id_lookup()
             return cls(AsyncMongoMockClient(tz_aware=True), settings.mongo_db, is_embedded=True)
         from motor.motor_asyncio import AsyncIOMotorClient
         client = AsyncIOMotorClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
@@ -84,11 +85,13 @@ class Store:
             raise StoreUnavailable("could not read stream") from exc
         return _stream_out(doc) if doc else None
 
-    async def create_stream(self, stream_id: str, owner_id: str, name: str | None = None) -> dict[str, Any]:
-        """Insert a stream; if another request created it first, return that one."""
+    async def create_stream(self, stream_id: str, owner_id: str, name: str | None = None, *,
+                            status: str = "offline") -> dict[str, Any]:
+        """Insert a stream; if another request created it first, return that one (status unchanged)."""
         now = utcnow()
-        doc = {"_id": stream_id, "ownerId": owner_id, "name": name or stream_id, "status": "offline",
-               "createdAt": now, "lastSeenAt": None, "lastFrameAt": None, "alertSeq": 0}
+        doc = {"_id": stream_id, "ownerId": owner_id, "name": name or stream_id, "status": status,
+               "createdAt": now, "lastSeenAt": now if status != "offline" else None, "lastFrameAt": None,
+               "alertSeq": 0}
         try:
             await self._streams.insert_one(doc)
         except DuplicateKeyError:
@@ -164,6 +167,40 @@ class Store:
                                               "createdAt": utcnow()})
         except PyMongoError as exc:
             raise StoreUnavailable("could not store snapshot") from exc
+
+    async def get_snapshot(self, alert_id: str) -> tuple[str, bytes] | None:
+        """(streamId, JPEG bytes) of an alert's snapshot, None when it has none."""
+        try:
+            doc = await self._snapshots.find_one({"_id": alert_id})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read snapshot") from exc
+        return (doc["streamId"], bytes(doc["jpeg"])) if doc else None
+
+
+def _install_mongomock_id_lookup() -> None:
+    """Give mongomock an O(1) path for exact `{"_id": value}` filters (same result, no scan).
+
+    mongomock applies every filter to every document: with a thousand streams, each status update
+    or seq allocation cost ~10 ms. Only string and ObjectId ids take the shortcut; MongoDB matches
+    those by equality alone, so the result is exactly the scan's.
+    """
+    import mongomock.collection
+
+    collection_cls: Any = mongomock.collection.Collection
+    if getattr(collection_cls, "_watchout_id_lookup", False):
+        return
+    scan = collection_cls._iter_documents
+
+    def iter_documents(self: Any, filter: Any) -> Any:
+        if type(filter) is dict and len(filter) == 1:
+            key = filter.get("_id")
+            if type(key) is str or type(key) is ObjectId:
+                store = self._store
+                return iter([store[key]]) if key in store else iter(())
+        return scan(self, filter)
+
+    collection_cls._iter_documents = iter_documents
+    collection_cls._watchout_id_lookup = True
 
 
 def _stream_out(doc: dict[str, Any]) -> dict[str, Any]:
