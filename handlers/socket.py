@@ -155,16 +155,18 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
     async def _guarded(self, work: Awaitable[None], ref: str | None, authenticates: bool = False) -> None:
         try:
             await work
-            if authenticates:
-                self._authenticated()
         except WatchoutError as exc:
             self._fail(exc, ref)
         except Exception:
             log.exception("unexpected error handling a message", extra={"conn": self.peer.id})
             self._fail(WatchoutError(), ref)
+        finally:
+            if authenticates:
+                self._authenticated()  # the token was accepted even if the message then failed
 
     def _authenticated(self) -> None:
-        if self.peer.principal is not None:
+        """Arm the expiry timer for a newly accepted token (no-op if none was accepted or it is closed)."""
+        if self.peer.principal is not None and not self.peer.outbox.is_closed:
             self._watch_expiry()
 
     def _within_rate(self) -> bool:

@@ -35,7 +35,7 @@ async def test_alert_is_stored_before_the_sender_gets_its_ack(server, ws_connect
     await ml.send(alert_message(STREAM, id="a-1"))
     ack = await ml.recv_type("ack")
     assert ack["ref"] == "a-1" and ack["seq"] == 1
-    stored = await server.services.store.find_alert_by_client_id(STREAM, "a-1")
+    stored = await server.services.store.find_alert_by_client_id(STREAM, "detector", "a-1")
     assert stored is not None and stored["alertId"] == ack["alertId"]
     assert stored["ownerId"] == "alice" and stored["senderId"] == "detector" and stored["severity"] == "high"
 

@@ -32,8 +32,8 @@ class AlertIntake:
 
     Alerts of one stream are stored in arrival order, in batches of those that arrived while the
     previous batch was being written; `seq` is allocated per batch with one atomic increment.
-    A client `id` seen recently (or, on MongoDB, stored at all) yields the same alertId and seq and no
-    second fan-out.
+    A client `id` seen recently from the same sender on the same stream (or, on MongoDB, stored at all)
+    yields the same alertId and seq and no second fan-out.
     """
 
     def __init__(self, store: Store, hub: Hub) -> None:
@@ -41,11 +41,11 @@ class AlertIntake:
         self._hub = hub
         self._queues: dict[str, list[_Pending]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._recent: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, str, str], _Pending] = OrderedDict()
         self.stored = 0
 
     def submit(self, peer: Peer, state: StreamState, alert: Alert, sender: str) -> None:
-        key = (alert.stream_id, alert.client_id) if alert.client_id else None
+        key = (alert.stream_id, sender, alert.client_id) if alert.client_id else None
         if key is not None and key in self._recent:
             known = self._recent[key]
             if known.result is None:
@@ -99,10 +99,10 @@ class AlertIntake:
                          "message": a.message, "metadata": a.metadata, "timestamp": a.timestamp,
                          "receivedAt": received, "clientId": a.client_id, "acknowledged": None,
                          "hasSnapshot": a.snapshot is not None})
-        duplicates = await self._store.insert_alerts(docs)
-        for p, doc in zip(batch, docs):
-            if p.alert.snapshot is not None and doc["clientId"] not in duplicates:
+        for p, doc in zip(batch, docs):  # snapshots first, so a failure leaves no alert without its image
+            if p.alert.snapshot is not None:
                 await self._store.save_snapshot(doc["alertId"], state.stream_id, p.alert.snapshot)
+        duplicates = await self._store.insert_alerts(docs)
         for p, doc in zip(batch, docs):
             if doc["clientId"] is not None and doc["clientId"] in duplicates:
                 await self._settle_duplicate(p)
@@ -115,7 +115,7 @@ class AlertIntake:
     async def _settle_duplicate(self, p: _Pending) -> None:
         """Another node (or an earlier run) stored this client id: answer with that row, no fan-out."""
         assert p.alert.client_id is not None
-        existing = await self._store.find_alert_by_client_id(p.alert.stream_id, p.alert.client_id)
+        existing = await self._store.find_alert_by_client_id(p.alert.stream_id, p.sender, p.alert.client_id)
         if existing is None:  # pragma: no cover - removed between insert and lookup
             self._fail([p], StoreUnavailable("alert vanished"))
             return
@@ -134,7 +134,7 @@ class AlertIntake:
     def _fail(self, batch: list[_Pending], exc: StoreUnavailable) -> None:
         for p in batch:
             if p.alert.client_id is not None:
-                self._recent.pop((p.alert.stream_id, p.alert.client_id), None)
+                self._recent.pop((p.alert.stream_id, p.sender, p.alert.client_id), None)
             for peer, ref in [(p.peer, p.alert.ref), *p.waiters]:
                 peer.send(error_message(exc.code, f"{exc.message}; send it again", ref))
 

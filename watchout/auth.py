@@ -73,7 +73,7 @@ class TokenVerifier:
             claims = jwt.decode(
                 token, self._key, algorithms=self._algorithms, issuer=self._issuer,
                 audience=self._audience, leeway=self._leeway,
-                options={"require": ["exp", "iat", "sub"]},
+                options={"require": ["exp", "iat", "sub", "role"]},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token expired", code="token-expired") from None
@@ -89,7 +89,7 @@ class TokenVerifier:
 
 
 def _principal(claims: dict[str, Any]) -> Principal:
-    sub, role, streams = claims.get("sub"), claims.get("role", "user"), claims.get("streams")
+    sub, role, streams = claims.get("sub"), claims.get("role"), claims.get("streams")
     if not isinstance(sub, str) or not sub or len(sub) > 128:
         raise Unauthenticated("token sub must be a non-empty string", code="token-invalid")
     if role not in ROLES:
@@ -121,6 +121,8 @@ def check_produce(p: Principal, stream_id: str, owner_id: str | None) -> None:
 
 def can_watch(p: Principal, stream_id: str, owner_id: str) -> bool:
     """May p watch frames/alerts of, or send alerts to, this existing stream?"""
+    if not p.in_scope(stream_id):
+        return False
     if p.is_admin:
         return True
     if p.role == "service":

@@ -46,15 +46,13 @@ class Relay:
                       "expiresAt": int(principal.expires_at * 1000)}, msg.ref)
         return principal
 
-    async def _stream(self, stream_id: str) -> StreamState | None:
+    async def _owner(self, stream_id: str) -> str | None:
+        """The stream's owner: from the hub when it is live here, else from the store; None if unknown."""
         state = self.hub.streams.get(stream_id)
         if state is not None:
-            return state
+            return state.owner_id
         doc = await self.store.get_stream(stream_id)
-        if doc is None:
-            return None
-        # the hub may have learnt the stream while we awaited the store
-        return self.hub.state(stream_id, doc["ownerId"])
+        return None if doc is None else str(doc["ownerId"])
 
     # ------------------------------------------------------------------ producers
     async def register(self, peer: Peer, msg: Register) -> None:
@@ -62,16 +60,17 @@ class Relay:
         if peer.watching:
             raise InvalidMessage("a consuming connection cannot also register as producer",
                                  code="invalid-client-type")
-        state = await self._stream(msg.stream_id)
-        created = False
-        if state is None:
-            check_produce(principal, msg.stream_id, None)
-            doc = await self.store.create_stream(msg.stream_id, principal.sub, status=STATUS_ONLINE)
-            state = self.hub.state(msg.stream_id, doc["ownerId"])
-            created = doc["ownerId"] == principal.sub and doc["status"] == STATUS_ONLINE
-        check_produce(principal, msg.stream_id, state.owner_id)
         if peer.producing is not None and peer.producing != msg.stream_id:
             raise InvalidMessage("this connection already produces another stream", code="invalid-client-type")
+        owner = await self._owner(msg.stream_id)
+        check_produce(principal, msg.stream_id, owner)
+        created = False
+        if owner is None:
+            doc = await self.store.create_stream(msg.stream_id, principal.sub, status=STATUS_ONLINE)
+            owner = str(doc["ownerId"])
+            created = owner == principal.sub and doc["status"] == STATUS_ONLINE
+            check_produce(principal, msg.stream_id, owner)  # another node may have created it first
+        state = self.hub.state(msg.stream_id, owner)
         previous = self.hub.set_producer(state, peer, wants_alerts="alert" in msg.consumes)
         peer.client_type = "mobile"
         if previous is not None:
@@ -106,9 +105,10 @@ class Relay:
         principal = self.authenticate(peer, msg.token)
         if peer.producing is not None:
             raise InvalidMessage("a producing connection cannot also subscribe", code="invalid-client-type")
-        state = await self._stream(msg.stream_id)
-        check_watch(principal, msg.stream_id, state.owner_id if state else None)
-        assert state is not None
+        owner = await self._owner(msg.stream_id)
+        check_watch(principal, msg.stream_id, owner)
+        assert owner is not None
+        state = self.hub.state(msg.stream_id, owner)
         sub = Subscription(msg.client_type, "video-frame" in msg.consumes, "alert" in msg.consumes, msg.binary)
         peer.client_type = msg.client_type
         self.hub.add_watcher(state, peer, sub)
@@ -137,7 +137,11 @@ class Relay:
         return None
 
     async def _alert_unknown_stream(self, peer: Peer, principal: Principal, msg: Alert) -> None:
-        self._submit_alert(peer, principal, await self._stream(msg.stream_id), msg)
+        owner = await self._owner(msg.stream_id)
+        # nobody watches it on this node: a detached state stores the alert and fans out to no one
+        live = self.hub.streams.get(msg.stream_id)
+        state = live if live is not None else (StreamState(msg.stream_id, owner) if owner is not None else None)
+        self._submit_alert(peer, principal, state, msg)
 
     def _submit_alert(self, peer: Peer, principal: Principal, state: StreamState | None, msg: Alert) -> None:
         if state is None or not can_watch(principal, msg.stream_id, state.owner_id):

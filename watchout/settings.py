@@ -60,9 +60,6 @@ class Settings:
     rate_limit_msgs_per_s: float = 10000.0
     rate_limit_burst: int = 20000
     max_bad_messages: int = 10
-    # [jobs]
-    offline_after_s: float = 30.0
-    offline_check_s: float = 15.0
 
     @property
     def is_embedded_store(self) -> bool:
@@ -172,7 +169,7 @@ def validate(s: Settings) -> None:
         raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     positive = ("auth_timeout_s", "max_message_bytes", "max_control_message_bytes", "outbox_soft_bytes",
                 "outbox_hard_bytes", "rate_limit_msgs_per_s", "rate_limit_burst", "max_bad_messages",
-                "offline_after_s", "offline_check_s", "shutdown_timeout_s", "max_metadata_bytes",
+                "shutdown_timeout_s", "max_metadata_bytes",
                 "max_snapshot_bytes", "idle_connection_timeout_s")
     for key in positive:
         if getattr(s, key) <= 0:

@@ -59,7 +59,7 @@ class Store:
         try:
             await self._alerts.create_index([("streamId", ASC), ("seq", ASC)], unique=unique, name="stream_seq")
             await self._alerts.create_index(
-                [("streamId", ASC), ("clientId", ASC)], unique=unique, name="stream_client_id",
+                [("streamId", ASC), ("senderId", ASC), ("clientId", ASC)], unique=unique, name="stream_client_id",
                 partialFilterExpression={"clientId": {"$type": "string"}})
             await self._alerts.create_index([("ownerId", ASC), ("receivedAt", DESC)], name="owner_time")
             await self._alerts.create_index([("streamId", ASC), ("receivedAt", DESC)], name="stream_time")
@@ -140,9 +140,9 @@ class Store:
             raise StoreUnavailable("could not store alerts") from exc
         return set()
 
-    async def find_alert_by_client_id(self, stream_id: str, client_id: str) -> dict[str, Any] | None:
+    async def find_alert_by_client_id(self, stream_id: str, sender_id: str, client_id: str) -> dict[str, Any] | None:
         try:
-            doc = await self._alerts.find_one({"streamId": stream_id, "clientId": client_id})
+            doc = await self._alerts.find_one({"streamId": stream_id, "senderId": sender_id, "clientId": client_id})
         except PyMongoError as exc:
             raise StoreUnavailable("could not read alert") from exc
         return _alert_out(doc) if doc else None
