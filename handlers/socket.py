@@ -95,6 +95,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         if peer is not None:
             peer.outbox.is_closed = True
             self.services.relay.disconnect(peer)
+            peer.detach()
 
     def _auth_timed_out(self) -> None:
         if self.peer.principal is None:

@@ -157,3 +157,33 @@ async def test_health_and_stats_have_the_seeds_shape_and_show_stream_ids_only_to
     bad = await http.fetch(tornado.httpclient.HTTPRequest(server.url("/stats"),
                                                           headers={"Authorization": "Bearer nope"}), raise_error=False)
     assert bad.code == 401 and json.loads(bad.body)["error"]["code"] == "token-invalid"
+
+
+async def test_closed_connections_are_freed_without_the_cycle_collector(server, ws_connect, token):
+    """A closed connection must leave no reference cycle: collecting thousands of them at once is a
+    pause of hundreds of milliseconds that every stream would feel as latency."""
+    import gc
+    gc.collect()
+    clients = []
+    for i in range(10):
+        client = await ws_connect()
+        if i % 2 == 0:
+            await client.send({"type": "register", "clientType": "mobile", "streamId": f"c{i}", "token": token("alice")})
+        else:
+            await client.send({"type": "subscribe", "clientType": "dashboard", "streamId": f"c{i - 1}",
+                               "token": token("alice")})
+        await client.recv()
+        clients.append(client)
+    for client in clients:
+        client.close()
+    while server.services.hub.peers:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        leaked = [type(o).__name__ for o in gc.garbage if type(o).__name__ in ("RelaySocket", "Peer", "Outbox")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert leaked == []

@@ -20,7 +20,7 @@ class Peer:
 
     def __init__(self, connection_id: str, writer: Writer, outbox: Outbox) -> None:
         self.id = connection_id
-        self.writer = writer
+        self.writer: Writer | None = writer
         self.outbox = outbox
         self.principal: Principal | None = None
         self.producing: str | None = None
@@ -32,9 +32,17 @@ class Peer:
 
     def close(self, code: int, reason: str) -> None:
         """Write what is queued (e.g. the error that explains the close), then close with `code`."""
+        writer = self.writer
         self.outbox.flush()
         self.outbox.is_closed = True
-        self.writer.close_with(code, reason)
+        if writer is not None:
+            writer.close_with(code, reason)
+
+    def detach(self) -> None:
+        """Drop the references back to the socket once it has closed, so refcounting frees the
+        connection at once instead of leaving a cycle for the garbage collector."""
+        self.outbox.detach()
+        self.writer = None
 
 
 class Subscription:

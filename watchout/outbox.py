@@ -61,7 +61,7 @@ class Outbox:
                  "inflight", "is_closed", "frames_sent", "frames_dropped", "messages_sent", "bytes_sent")
 
     def __init__(self, writer: Writer, flusher: Flusher, soft_bytes: int, hard_bytes: int) -> None:
-        self._writer = writer
+        self._writer: Writer | None = writer
         self._flusher = flusher
         self._soft = soft_bytes
         self._hard = hard_bytes
@@ -110,8 +110,17 @@ class Outbox:
             return
         self._write(batch, size)
 
+    def detach(self) -> None:
+        """The socket has closed: forget it (and anything still queued)."""
+        self.is_closed = True
+        self._writer = None
+        self._batch.clear()
+        self._held.clear()
+
     def _write(self, batch: list[Outgoing], size: int) -> None:
         writer = self._writer
+        if writer is None:
+            return
         if writer.is_compressed:
             future = None
             for message in batch:
@@ -151,4 +160,5 @@ class Outbox:
         error = SlowConsumer("consumer too slow: outgoing buffer limit reached")
         log.warning("closing slow consumer (%d bytes unflushed)", self.inflight)
         assert error.close_code is not None
-        self._writer.close_with(error.close_code, error.message)
+        if self._writer is not None:
+            self._writer.close_with(error.close_code, error.message)
