@@ -107,12 +107,18 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         assert principal is not None
         if self._timer is not None:
             self._timer.cancel()
-        delay = principal.expires_at - time.time() + self.services.settings.token_expiry_grace_s
+        delay = principal.expires_at - time.time() + self._expiry_margin_s
         self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._token_expired)
+
+    @property
+    def _expiry_margin_s(self) -> float:
+        """A token still opens connections until exp + leeway; a live one is closed after a grace on top."""
+        s = self.services.settings
+        return s.jwt_leeway_s + s.token_expiry_grace_s
 
     def _token_expired(self) -> None:
         principal = self.peer.principal
-        if principal is not None and principal.expires_at + self.services.settings.token_expiry_grace_s > time.time():
+        if principal is not None and principal.expires_at + self._expiry_margin_s > time.time():
             self._watch_expiry()  # refreshed meanwhile
             return
         self._fail(Unauthenticated("token expired; send auth with a fresh token before it does",

@@ -73,3 +73,21 @@ async def test_subscribe_with_since_seq_is_refused_until_replay_exists(server, w
     await dash.send({"type": "subscribe", "clientType": "dashboard", "streamId": "cam", "sinceSeq": 0,
                      "token": token("alice")})
     assert (await dash.recv_type("error"))["code"] == "unknown-field"
+
+
+async def test_refresh_with_a_narrower_scope_drops_subscriptions_it_no_longer_allows(server, ws_connect, token):
+    for stream in ("a", "b"):
+        mobile = await ws_connect()
+        await mobile.send({"type": "register", "clientType": "mobile", "streamId": stream, "token": token("alice")})
+        await mobile.recv_type("registered")
+    dash = await ws_connect()
+    for stream in ("a", "b"):
+        await dash.send({"type": "subscribe", "clientType": "dashboard", "streamId": stream,
+                         "token": token("alice", streams=["a", "b"])})
+        await dash.recv_type("subscribed", streamId=stream)
+    await dash.send({"type": "auth", "token": token("alice", streams=["a"])})
+    error = await dash.recv_type("error")
+    assert (error["code"], error["streamId"]) == ("not-found", "b")
+    await dash.recv_type("authenticated")
+    peer = next(p for p in server.services.hub.peers.values() if p.watching)
+    assert set(peer.watching) == {"a"}

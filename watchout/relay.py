@@ -35,10 +35,26 @@ class Relay:
                 raise Unauthenticated("the first message must carry a token", code="token-missing")
             return peer.principal
         principal = self.verifier.verify(token)
-        if peer.principal is not None and principal.sub != peer.principal.sub:
+        previous = peer.principal
+        if previous is not None and principal.sub != previous.sub:
             raise Unauthenticated("a connection's token cannot change user", code="token-user-changed")
         peer.principal = principal
+        if previous is not None and (previous.role, previous.streams) != (principal.role, principal.streams):
+            self._recheck(peer, principal)
         return principal
+
+    def _recheck(self, peer: Peer, principal: Principal) -> None:
+        """A refreshed token with another role or scope keeps only what it still allows."""
+        for stream_id in list(peer.watching):
+            state = self.hub.streams.get(stream_id)
+            if state is not None and not can_watch(principal, stream_id, state.owner_id):
+                self.hub.remove_watcher(state, peer)
+                peer.send({"type": "error", "code": "not-found", "streamId": stream_id,
+                           "message": f"stream {stream_id} not found; unsubscribed"})
+        if peer.producing is not None:
+            state = self.hub.streams.get(peer.producing)
+            if state is not None:
+                check_produce(principal, peer.producing, state.owner_id)  # Forbidden closes 4403
 
     def auth(self, peer: Peer, msg: Auth) -> Principal:
         principal = self.authenticate(peer, msg.token)
