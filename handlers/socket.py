@@ -12,7 +12,7 @@ from typing import Any
 import tornado.iostream
 import tornado.websocket
 
-from watchout.errors import AuthTimeout, InvalidMessage, RateLimited, StoreUnavailable, Unauthenticated, WatchoutError
+from watchout.errors import AuthTimeout, RateLimited, StoreUnavailable, Unauthenticated, WatchoutError
 from watchout.hub import Peer
 from watchout.outbox import Outbox
 from watchout.protocol import (Alert, Auth, Message, Ping, Register, Subscribe, Unsubscribe, VideoFrame,
@@ -55,14 +55,18 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         conn = self.ws_connection
         if conn is None or conn.is_closing():
             return None
+        stream = getattr(conn, "stream", None)  # WebSocketProtocol13's IOStream
+        if stream is None:
+            return None
         try:
-            return conn.stream.write(data)  # type: ignore[attr-defined, no-any-return]
+            future: asyncio.Future[None] = stream.write(data)
         except tornado.iostream.StreamClosedError:
             return None
+        return future
 
     def write_payload(self, payload: bytes, binary: bool) -> asyncio.Future[None] | None:
         try:
-            return self.write_message(payload, binary=binary)  # type: ignore[return-value]
+            return self.write_message(payload, binary=binary)
         except tornado.websocket.WebSocketClosedError:
             return None
 

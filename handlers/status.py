@@ -8,7 +8,9 @@ from handlers.base import ApiHandler
 from watchout.errors import StoreUnavailable
 
 
-class StatsHandler(ApiHandler):
+class FiguresHandler(ApiHandler):
+    """The seed's figures for this node; stream ids only for an admin token."""
+
     def stats(self) -> dict[str, Any]:
         principal = self.optional_principal()
         figures = self.services.hub.figures()
@@ -19,11 +21,13 @@ class StatsHandler(ApiHandler):
             figures["alertsStored"] = self.services.intake.stored
         return figures
 
+
+class StatsHandler(FiguresHandler):
     def get(self) -> None:
         self.write_json(self.stats())
 
 
-class HealthHandler(StatsHandler):
+class HealthHandler(FiguresHandler):
     async def get(self) -> None:
         stats = self.stats()
         status, code = "healthy", 200

@@ -133,8 +133,8 @@ class Client:
     async def closed(self, timeout: float = 5.0) -> tuple[int | None, str | None]:
         """Read until the server closes; returns (code, reason)."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while await asyncio.wait_for(self.conn.read_message(), max(0.01, deadline - asyncio.get_running_loop().time())) \
-                is not None:
+        loop = asyncio.get_running_loop()
+        while await asyncio.wait_for(self.conn.read_message(), max(0.01, deadline - loop.time())) is not None:
             pass
         return self.conn.close_code, self.conn.close_reason
 

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 
 import tornado.httpclient
@@ -168,7 +167,8 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(server, 
     for i in range(10):
         client = await ws_connect()
         if i % 2 == 0:
-            await client.send({"type": "register", "clientType": "mobile", "streamId": f"c{i}", "token": token("alice")})
+            await client.send({"type": "register", "clientType": "mobile", "streamId": f"c{i}",
+                               "token": token("alice")})
         else:
             await client.send({"type": "subscribe", "clientType": "dashboard", "streamId": f"c{i - 1}",
                                "token": token("alice")})

@@ -11,7 +11,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from watchout import __version__
@@ -156,7 +156,7 @@ async def serve(settings: Settings, admin_token: str | None = None) -> int:
     return 0
 
 
-async def _wait_closed(peers: dict[str, object], timeout_s: float) -> None:
+async def _wait_closed(peers: Mapping[str, object], timeout_s: float) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while peers and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.02)

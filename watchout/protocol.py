@@ -423,8 +423,9 @@ def parse_text(text: str, limits: Limits) -> Message:
         message = _fast_video_frame(raw, limits)
         if message is not None:
             return message
-    if (len(text) > limits.max_control_bytes or (not text.isascii() and len(text.encode()) > limits.max_control_bytes)) \
-            and '"video-frame"' not in text[:256]:
+    limit = limits.max_control_bytes
+    too_big = len(text) > limit or (not text.isascii() and len(text.encode()) > limit)
+    if too_big and '"video-frame"' not in text[:256]:
         raise TooLarge(f"a non-frame message may be at most {limits.max_control_bytes} bytes")
     obj = _loads(text)
     if len(text) > limits.max_control_bytes and obj.get("type") != "video-frame":

@@ -51,7 +51,7 @@ class Store:
             _install_mongomock_id_lookup()
             return cls(AsyncMongoMockClient(tz_aware=True), settings.mongo_db, is_embedded=True)
         from motor.motor_asyncio import AsyncIOMotorClient
-        client = AsyncIOMotorClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+        client: Any = AsyncIOMotorClient(settings.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
         return cls(client, settings.mongo_db, is_embedded=False)
 
     async def ensure_indexes(self) -> None:

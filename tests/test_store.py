@@ -1,0 +1,107 @@
+"""Store contract: the same tests on the embedded store and, with WATCHOUT_TEST_MONGO_URI, on a real MongoDB."""
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+
+from watchout.settings import Settings
+from watchout.store import Store, new_alert_id, utcnow
+
+MONGO_URI = os.environ.get("WATCHOUT_TEST_MONGO_URI", "")
+
+
+@pytest.fixture(params=["embedded", "mongodb"])
+async def store(request):
+    if request.param == "mongodb" and not MONGO_URI:
+        pytest.skip("set WATCHOUT_TEST_MONGO_URI=mongodb://... to run the store contract on a real MongoDB")
+    db = f"watchout_contract_{uuid.uuid4().hex[:8]}"
+    settings = Settings(mongo_url=MONGO_URI if request.param == "mongodb" else "", mongo_db=db)
+    st = Store.open(settings)
+    await st.ensure_indexes()
+    yield st
+    if not st.is_embedded:
+        await st._client.drop_database(db)
+    st.close()
+
+
+def _alert(seq, client_id=None, sender="ml", stream="s1"):
+    return {"alertId": new_alert_id(), "streamId": stream, "seq": seq, "ownerId": "alice", "senderId": sender,
+            "severity": "high", "message": "m", "metadata": {"confidence": 0.9, "box": [1, 2, 3, 4]},
+            "timestamp": 1764150000000, "receivedAt": utcnow(), "clientId": client_id, "acknowledged": None,
+            "hasSnapshot": False}
+
+
+async def test_create_and_get_stream_with_aware_datetimes(store):
+    created = await store.create_stream("s1", "alice", status="online")
+    fetched = await store.get_stream("s1")
+    assert fetched["streamId"] == created["streamId"] == "s1"
+    assert (fetched["ownerId"], fetched["status"], fetched["alertSeq"]) == ("alice", "online", 0)
+    assert fetched["createdAt"].tzinfo is not None
+    assert await store.get_stream("missing") is None
+
+
+async def test_creating_an_existing_stream_returns_the_first_one(store):
+    await store.create_stream("s1", "alice")
+    again = await store.create_stream("s1", "bob")
+    assert again["ownerId"] == "alice"
+
+
+async def test_reserved_seqs_never_overlap_under_concurrency(store):
+    await store.create_stream("s1", "alice")
+    firsts = await asyncio.gather(*(store.reserve_seqs("s1", n) for n in (1, 5, 2, 7, 3)))
+    ranges = sorted((f, f + n - 1) for f, n in zip(firsts, (1, 5, 2, 7, 3)))
+    assert ranges[0][0] == 1 and ranges[-1][1] == 18
+    assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+async def test_status_update_keeps_last_seen_and_frame_times(store):
+    await store.create_stream("s1", "alice")
+    frame_at = utcnow()
+    await store.set_stream_status("s1", "streaming", frame_at=frame_at)
+    doc = await store.get_stream("s1")
+    assert doc["status"] == "streaming" and doc["lastSeenAt"] is not None
+    assert abs((doc["lastFrameAt"] - frame_at).total_seconds()) < 0.002  # MongoDB keeps milliseconds
+
+
+async def test_alerts_round_trip_in_seq_order_and_by_client_id(store):
+    await store.create_stream("s1", "alice")
+    first = await store.reserve_seqs("s1", 3)
+    docs = [_alert(first + i, client_id=f"c{i}") for i in range(3)]
+    assert await store.insert_alerts(docs) == set()
+    listed = await store.list_alerts("s1")
+    assert [a["seq"] for a in listed] == [1, 2, 3]
+    assert [a["alertId"] for a in listed] == [d["alertId"] for d in docs]
+    found = await store.find_alert_by_client_id("s1", "ml", "c1")
+    assert found["seq"] == 2 and found["metadata"] == {"confidence": 0.9, "box": [1, 2, 3, 4]}
+    assert await store.find_alert_by_client_id("s1", "other-sender", "c1") is None
+    assert await store.count_alerts("s1") == 3
+
+
+async def test_a_stored_client_id_is_reported_as_duplicate_on_mongodb(store):
+    if store.is_embedded:
+        pytest.skip("the embedded store has no unique indexes; the alert intake de-duplicates in memory")
+    await store.create_stream("s1", "alice")
+    await store.insert_alerts([_alert(1, client_id="same")])
+    duplicates = await store.insert_alerts([_alert(2, client_id="same"), _alert(3, client_id="fresh")])
+    assert duplicates == {"same"}
+    assert await store.count_alerts("s1") == 2
+
+
+async def test_snapshots_are_kept_per_alert(store):
+    alert_id = new_alert_id()
+    await store.save_snapshot(alert_id, "s1", b"\xff\xd8jpeg")
+    assert await store.get_snapshot(alert_id) == ("s1", b"\xff\xd8jpeg")
+    assert await store.get_snapshot(new_alert_id()) is None
+
+
+async def test_embedded_id_lookup_matches_a_full_scan(store):
+    if not store.is_embedded:
+        pytest.skip("the shortcut exists only in the embedded store")
+    for i in range(5):
+        await store.create_stream(f"s{i}", "alice")
+    # an operator filter goes through mongomock's scan; an exact id takes the shortcut: same answer
+    by_scan = [d async for d in store._streams.find({"_id": {"$in": ["s3"]}})]
+    assert [await store.get_stream("s3")] == [dict(d, streamId=d.pop("_id")) for d in by_scan]
