@@ -423,13 +423,12 @@ def parse_text(text: str, limits: Limits) -> Message:
         message = _fast_video_frame(raw, limits)
         if message is not None:
             return message
-    limit = limits.max_control_bytes
-    too_big = len(text) > limit or (not text.isascii() and len(text.encode()) > limit)
-    if too_big and '"video-frame"' not in text[:256]:
+    # sizes are UTF-8 bytes, as on the wire; a str knows cheaply whether it is pure ASCII
+    too_big = (len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))) > limits.max_control_bytes
+    if too_big and '"video-frame"' not in text[:256]:  # spare the parser what is refused anyway
         raise TooLarge(f"a non-frame message may be at most {limits.max_control_bytes} bytes")
     obj = _loads(text)
-    if len(text) > limits.max_control_bytes and obj.get("type") != "video-frame":
-        # the check above only spares the parser; '"video-frame"' may sit in another field
+    if too_big and obj.get("type") != "video-frame":  # '"video-frame"' may have sat in another field
         raise TooLarge(f"a non-frame message may be at most {limits.max_control_bytes} bytes")
     return _dispatch(obj, limits)
 
