@@ -146,6 +146,12 @@ async def _close_all(sockets: list[Any], timeout: float = 10.0) -> None:
 class _Worker:
     """What every worker has: its sockets, a record of server errors and closes, and bounded waits."""
 
+    # set by the consumer workers, which count numbered deliveries per client slot
+    credit: _CreditSender
+    total: dict[int, int]
+    dup: dict[int, int]
+    gaps: dict[int, int]
+
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.sockets: list[Any] = []
@@ -185,6 +191,17 @@ class _Worker:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded, never silent
             self.closes[f"reader {type(exc).__name__}: {exc}"] = 1
+
+    def count_delivery(self, slot: int, seq: int, last: int) -> bool:
+        """Consumers: count one numbered delivery after `last`; False for a duplicate or stale one."""
+        if seq <= last:
+            self.dup[slot] += 1
+            return False
+        if seq > last + 1:
+            self.gaps[slot] += seq - last - 1
+        self.total[slot] += 1
+        self.credit.delivered(slot, seq)
+        return True
 
     def common_result(self) -> dict[str, Any]:
         return {"server_errors": self.server_errors, "closes": self.closes}
@@ -467,14 +484,9 @@ class FrameConsumer(_Worker):
                 if magic != MAGIC:
                     self.server_errors["foreign-frame"] = self.server_errors.get("foreign-frame", 0) + 1
                     continue
-                if seq <= last:
-                    self.dup[slot] += 1
+                if not self.count_delivery(slot, seq, last):
                     continue
-                if seq > last + 1:
-                    self.gaps[slot] += seq - last - 1
                 last = seq
-                self.total[slot] += 1
-                self.credit.delivered(slot, seq)
                 if t0 <= (sent_ns if by_send else now) < t1:
                     self.in_window[slot] += 1
                     self.bytes_in_window += len(raw)
@@ -643,14 +655,9 @@ class AlertConsumer(_Worker):
                 if not isinstance(seq, int) or not isinstance(sent_ns, int):
                     self.server_errors["foreign-alert"] = self.server_errors.get("foreign-alert", 0) + 1
                     continue
-                if seq <= last:
-                    self.dup[slot] += 1
+                if not self.count_delivery(slot, seq, last):
                     continue
-                if seq > last + 1:
-                    self.gaps[slot] += seq - last - 1
                 last = seq
-                self.total[slot] += 1
-                self.credit.delivered(slot, seq)
                 if t0 <= now < t1:
                     self.in_window += 1
                     if len(latency) < MAX_LATENCY_SAMPLES:

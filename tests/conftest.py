@@ -172,3 +172,24 @@ def alert_message(stream_id: str, **extra: Any) -> dict[str, Any]:
 
 def replace_settings(settings: Settings, **changes: Any) -> Settings:
     return dataclasses.replace(settings, **changes)
+
+
+async def producer(ws_connect: Callable[..., Any], token: Callable[..., str], stream_id: str,
+                   sub: str = "alice", **extra: Any) -> Client:
+    """A phone that has registered `stream_id` (and received `registered`)."""
+    client: Client = await ws_connect()
+    await client.send({"type": "register", "clientType": "mobile", "streamId": stream_id, "token": token(sub),
+                       **extra})
+    await client.recv_type("registered")
+    return client
+
+
+async def watcher(ws_connect: Callable[..., Any], token: Callable[..., str], stream_id: str,
+                  client_type: str = "dashboard", sub: str = "alice", **extra: Any) -> Client:
+    """A consumer subscribed to `stream_id` (and past its `subscribed`)."""
+    client: Client = await ws_connect()
+    message = {"type": "subscribe", "clientType": client_type, "streamId": stream_id, **extra}
+    message.setdefault("token", token(sub))
+    await client.send(message)
+    await client.recv_type("subscribed")
+    return client

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import alert_message
+from conftest import alert_message, producer
 
 
 async def test_token_accepted_by_a_failing_first_message_still_expires(server, ws_connect, token):
@@ -16,18 +16,14 @@ async def test_token_accepted_by_a_failing_first_message_still_expires(server, w
 
 
 async def test_register_refused_for_a_second_stream_creates_nothing(server, ws_connect, token):
-    mobile = await ws_connect()
-    await mobile.send({"type": "register", "clientType": "mobile", "streamId": "first", "token": token("alice")})
-    await mobile.recv_type("registered")
+    mobile = await producer(ws_connect, token, "first")
     await mobile.send({"type": "register", "clientType": "mobile", "streamId": "second", "token": token("alice")})
     assert (await mobile.recv_type("error"))["code"] == "invalid-client-type"
     assert await server.services.store.get_stream("second") is None
 
 
 async def test_probing_streams_without_live_peers_leaves_no_state_behind(server, ws_connect, token):
-    mobile = await ws_connect()
-    await mobile.send({"type": "register", "clientType": "mobile", "streamId": "quiet", "token": token("alice")})
-    await mobile.recv_type("registered")
+    mobile = await producer(ws_connect, token, "quiet")
     mobile.close()
     while server.services.hub.streams:
         await asyncio.sleep(0.01)
@@ -41,9 +37,7 @@ async def test_probing_streams_without_live_peers_leaves_no_state_behind(server,
 
 
 async def test_same_alert_id_from_two_senders_is_two_alerts(server, ws_connect, token):
-    mobile = await ws_connect()
-    await mobile.send({"type": "register", "clientType": "mobile", "streamId": "cam", "token": token("alice")})
-    await mobile.recv_type("registered")
+    await producer(ws_connect, token, "cam")
     acks = []
     for sender in ("detector-a", "detector-b"):
         ml = await ws_connect()
@@ -56,9 +50,7 @@ async def test_same_alert_id_from_two_senders_is_two_alerts(server, ws_connect, 
 
 
 async def test_admin_token_scope_limits_watching_too(server, ws_connect, token):
-    mobile = await ws_connect()
-    await mobile.send({"type": "register", "clientType": "mobile", "streamId": "cam", "token": token("alice")})
-    await mobile.recv_type("registered")
+    await producer(ws_connect, token, "cam")
     admin = await ws_connect()
     await admin.send({"type": "subscribe", "clientType": "dashboard", "streamId": "cam",
                       "token": token("root", role="admin", streams=["elsewhere"])})
@@ -66,9 +58,7 @@ async def test_admin_token_scope_limits_watching_too(server, ws_connect, token):
 
 
 async def test_subscribe_with_since_seq_is_refused_until_replay_exists(server, ws_connect, token):
-    mobile = await ws_connect()
-    await mobile.send({"type": "register", "clientType": "mobile", "streamId": "cam", "token": token("alice")})
-    await mobile.recv_type("registered")
+    await producer(ws_connect, token, "cam")
     dash = await ws_connect()
     await dash.send({"type": "subscribe", "clientType": "dashboard", "streamId": "cam", "sinceSeq": 0,
                      "token": token("alice")})
@@ -77,9 +67,7 @@ async def test_subscribe_with_since_seq_is_refused_until_replay_exists(server, w
 
 async def test_refresh_with_a_narrower_scope_drops_subscriptions_it_no_longer_allows(server, ws_connect, token):
     for stream in ("a", "b"):
-        mobile = await ws_connect()
-        await mobile.send({"type": "register", "clientType": "mobile", "streamId": stream, "token": token("alice")})
-        await mobile.recv_type("registered")
+        await producer(ws_connect, token, stream)
     dash = await ws_connect()
     for stream in ("a", "b"):
         await dash.send({"type": "subscribe", "clientType": "dashboard", "streamId": stream,

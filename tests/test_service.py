@@ -12,7 +12,7 @@ import sys
 import tornado.httpclient
 import tornado.websocket
 
-from conftest import Client, alert_message, frame_message
+from conftest import Client, alert_message, frame_message, producer, watcher
 
 
 def _free_port() -> int:
@@ -96,15 +96,9 @@ async def test_serve_refuses_a_port_in_use_with_a_clear_message():
 
 
 async def test_newer_producer_takes_over_and_the_old_one_is_closed_4409(server, ws_connect, token):
-    old = await ws_connect()
-    await old.send({"type": "register", "clientType": "mobile", "streamId": "cam", "token": token("alice")})
-    await old.recv_type("registered")
-    dash = await ws_connect()
-    await dash.send({"type": "subscribe", "clientType": "dashboard", "streamId": "cam", "token": token("alice")})
-    await dash.recv_type("subscribed")
-    new = await ws_connect()
-    await new.send({"type": "register", "clientType": "mobile", "streamId": "cam", "token": token("alice")})
-    await new.recv_type("registered")
+    old = await producer(ws_connect, token, "cam")
+    dash = await watcher(ws_connect, token, "cam")
+    new = await producer(ws_connect, token, "cam")
     assert (await old.recv_type("error"))["code"] == "producer-replaced"
     assert (await old.closed())[0] == 4409
     await new.send(frame_message("cam", timestamp=42))
@@ -114,12 +108,8 @@ async def test_newer_producer_takes_over_and_the_old_one_is_closed_4409(server, 
 
 
 async def test_producer_disconnect_sends_offline_status_to_watchers(server, ws_connect, token):
-    mobile = await ws_connect()
-    await mobile.send({"type": "register", "clientType": "mobile", "streamId": "cam", "token": token("alice")})
-    await mobile.recv_type("registered")
-    dash = await ws_connect()
-    await dash.send({"type": "subscribe", "clientType": "dashboard", "streamId": "cam", "token": token("alice")})
-    await dash.recv_type("subscribed")
+    mobile = await producer(ws_connect, token, "cam")
+    dash = await watcher(ws_connect, token, "cam")
     await mobile.send(frame_message("cam"))
     assert (await dash.recv_type("status"))["status"] == "streaming"
     mobile.close()
@@ -134,12 +124,8 @@ async def test_producer_disconnect_sends_offline_status_to_watchers(server, ws_c
 
 
 async def test_health_and_stats_have_the_seeds_shape_and_show_stream_ids_only_to_admins(server, ws_connect, token):
-    mobile = await ws_connect()
-    await mobile.send({"type": "register", "clientType": "mobile", "streamId": "cam", "token": token("alice")})
-    await mobile.recv_type("registered")
-    dash = await ws_connect()
-    await dash.send({"type": "subscribe", "clientType": "dashboard", "streamId": "cam", "token": token("alice")})
-    await dash.recv_type("subscribed")
+    await producer(ws_connect, token, "cam")
+    await watcher(ws_connect, token, "cam")
     http = tornado.httpclient.AsyncHTTPClient()
     health = json.loads((await http.fetch(server.url("/health"))).body)
     assert health["status"] == "healthy" and "timestamp" in health
