@@ -185,11 +185,12 @@ async def producer(ws_connect: Callable[..., Any], token: Callable[..., str], st
 
 
 async def watcher(ws_connect: Callable[..., Any], token: Callable[..., str], stream_id: str,
-                  client_type: str = "dashboard", sub: str = "alice", **extra: Any) -> Client:
-    """A consumer subscribed to `stream_id` (and past its `subscribed`)."""
+                  client_type: str = "dashboard", sub: str = "alice", role: str = "user",
+                  streams: list[str] | str | None = None, **extra: Any) -> Client:
+    """A consumer subscribed to `stream_id` (and past its `subscribed`), with a token for sub/role/streams."""
     client: Client = await ws_connect()
-    message = {"type": "subscribe", "clientType": client_type, "streamId": stream_id, **extra}
-    message.setdefault("token", token(sub))
+    message = {"type": "subscribe", "clientType": client_type, "streamId": stream_id,
+               "token": token(sub, role=role, streams=streams), **extra}
     await client.send(message)
     await client.recv_type("subscribed")
     return client

@@ -57,14 +57,6 @@ async def test_admin_token_scope_limits_watching_too(server, ws_connect, token):
     assert (await admin.recv_type("error"))["code"] == "not-found"
 
 
-async def test_subscribe_with_since_seq_is_refused_until_replay_exists(server, ws_connect, token):
-    await producer(ws_connect, token, "cam")
-    dash = await ws_connect()
-    await dash.send({"type": "subscribe", "clientType": "dashboard", "streamId": "cam", "sinceSeq": 0,
-                     "token": token("alice")})
-    assert (await dash.recv_type("error"))["code"] == "unknown-field"
-
-
 async def test_refresh_with_a_narrower_scope_drops_subscriptions_it_no_longer_allows(server, ws_connect, token):
     for stream in ("a", "b"):
         await producer(ws_connect, token, stream)

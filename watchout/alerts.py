@@ -10,6 +10,7 @@ from watchout.errors import StoreUnavailable
 from watchout.hub import Hub, Peer, StreamState
 from watchout.protocol import Alert, encode, error_message
 from watchout.store import Store, new_alert_id, utcnow
+from watchout.views import alert_event
 
 log = logging.getLogger("watchout.alerts")
 MAX_BATCH = 256
@@ -90,7 +91,6 @@ class AlertIntake:
     async def _store_batch(self, state: StreamState, batch: list[_Pending]) -> None:
         first_seq = await self._store.reserve_seqs(state.stream_id, len(batch))
         received = utcnow()
-        received_ms = int(received.timestamp() * 1000)
         docs: list[dict[str, Any]] = []
         for offset, p in enumerate(batch):
             a = p.alert
@@ -103,6 +103,7 @@ class AlertIntake:
             if p.alert.snapshot is not None:
                 await self._store.save_snapshot(doc["alertId"], state.stream_id, p.alert.snapshot)
         duplicates = await self._store.insert_alerts(docs)
+        await self._store.mark_stored(state.stream_id, docs[-1]["seq"])
         for p, doc in zip(batch, docs):
             if doc["clientId"] is not None and doc["clientId"] in duplicates:
                 await self._settle_duplicate(p)
@@ -110,7 +111,7 @@ class AlertIntake:
             p.result = (doc["alertId"], doc["seq"])
             self.stored += 1
             self._acknowledge(p)
-            self._hub.publish_alert(state, _live_alert(p.alert, doc, received_ms))
+            self._hub.publish_alert(state, encode(alert_event(doc)), doc["seq"])
 
     async def _settle_duplicate(self, p: _Pending) -> None:
         """Another node (or an earlier run) stored this client id: answer with that row, no fan-out."""
@@ -146,14 +147,3 @@ def _ack(peer: Peer, stream_id: str, result: tuple[str, int], ref: str | None, *
     if ref is not None:
         message["ref"] = ref
     peer.send(message)
-
-
-def _live_alert(alert: Alert, doc: dict[str, Any], received_ms: int) -> bytes:
-    """The alert as consumers get it: the sender's fields first, then what the server assigned."""
-    message: dict[str, Any] = {"type": "alert", "streamId": alert.stream_id, "severity": alert.severity,
-                               "message": alert.message, "metadata": alert.metadata,
-                               "timestamp": alert.timestamp, "alertId": doc["alertId"], "seq": doc["seq"],
-                               "receivedAt": received_ms}
-    if alert.snapshot is not None:
-        message["hasSnapshot"] = True
-    return encode(message)

@@ -11,14 +11,19 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from watchout import __version__
 from watchout.auth import mint_token, parse_ttl
 from watchout.errors import ConfigError, StoreUnavailable
 from watchout.logs import setup_logging
+from watchout.notify import Notifier
 from watchout.settings import Settings, load_settings, with_values
+
+if TYPE_CHECKING:
+    from watchout.services import Services
 
 log = logging.getLogger("watchout")
 EMBEDDED_ADMIN_TTL_S = 24 * 3600
@@ -72,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "token":
         return _token(settings, args)
-    return _serve(settings)
+    return _serve(settings, lambda: load_settings(args.config, os.environ, overrides))
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
@@ -97,7 +102,7 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, load: Callable[[], Settings]) -> int:
     setup_logging(settings.log_format, settings.log_level)
     tune_malloc()
     admin_token = None
@@ -105,14 +110,20 @@ def _serve(settings: Settings) -> int:
         settings = with_values(settings, jwt_secret=secrets.token_urlsafe(48))
         admin_token = mint_token(settings.jwt_secret, "HS256", "admin", "admin", ttl_s=EMBEDDED_ADMIN_TTL_S)
         log.warning("no jwt_secret configured: generated a signing key for this run only")
+    notifier = Notifier(os.environ)
     try:
-        return asyncio.run(serve(settings, admin_token))
+        return asyncio.run(serve(settings, admin_token, notifier, load))
     except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch SIGINT first
         return 0
 
 
-async def serve(settings: Settings, admin_token: str | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then close sockets with 1001 and finish pending writes; returns the exit code."""
+async def serve(settings: Settings, admin_token: str | None = None, notifier: Notifier | None = None,
+                load: Callable[[], Settings] | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then close sockets with 1001 and finish pending writes; returns the exit code.
+
+    `notifier` tells systemd when the service is ready and stopping and sends its watchdog
+    keep-alives; on SIGHUP the settings from `load()` are applied where that is safe (watchout.reload).
+    """
     import tornado.httpserver
     import tornado.netutil
 
@@ -125,6 +136,7 @@ async def serve(settings: Settings, admin_token: str | None = None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror)
         return 1
+    notifier = notifier or Notifier({})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -138,8 +150,15 @@ async def serve(settings: Settings, admin_token: str | None = None) -> int:
             # out of every later full collection, whose pauses would otherwise show up as latency.
             gc.collect()
             gc.freeze()
-            _announce(settings, sockets[0].getsockname()[1], admin_token)
+            port = sockets[0].getsockname()[1]
+            _announce(settings, port, admin_token)
+            status = f"listening on {settings.host}:{port}"
+            if load is not None:
+                loop.add_signal_handler(signal.SIGHUP, _reload, services, load, notifier, status)
+            notifier.ready(status)
+            keep_alive = asyncio.create_task(notifier.keep_alive())
             await stop.wait()
+            notifier.stopping("shutting down")
             log.info("shutting down: finishing pending alert writes, then closing connections with 1001")
             server.stop()
             try:
@@ -149,11 +168,20 @@ async def serve(settings: Settings, admin_token: str | None = None) -> int:
             for peer in list(services.hub.peers.values()):
                 peer.close(1001, "server shutting down")
             await _wait_closed(services.hub.peers, settings.shutdown_timeout_s)
+            keep_alive.cancel()
     except StoreUnavailable as exc:
         log.error("store unavailable: %s", exc.message)
         return 1
     log.info("stopped")
     return 0
+
+
+def _reload(services: Services, load: Callable[[], Settings], notifier: Notifier, status: str) -> None:
+    from watchout.reload import reload_settings
+
+    notifier.reloading()
+    reloaded = reload_settings(services, load)
+    notifier.ready(status if reloaded else f"{status}; last reload refused, see the log")
 
 
 async def _wait_closed(peers: Mapping[str, object], timeout_s: float) -> None:

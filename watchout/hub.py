@@ -11,6 +11,8 @@ from watchout.outbox import Flusher, Outbox, Writer
 from watchout.protocol import encode
 
 STATUS_OFFLINE, STATUS_ONLINE, STATUS_STREAMING = "offline", "online", "streaming"
+FPS_WINDOW_S = 2.0
+MAX_REPLAY_BUFFER = 10_000
 
 
 class Peer:
@@ -59,7 +61,8 @@ class StreamState:
     """What this node knows live about one stream: its producer, watchers and figures."""
 
     __slots__ = ("stream_id", "owner_id", "producer", "json_video", "binary_video", "alert_watchers",
-                 "watchers", "status", "frames_in", "frames_relayed", "last_frame_at", "producer_since")
+                 "watchers", "replaying", "status", "frames_in", "frames_relayed", "frames_dropped",
+                 "last_frame_at", "producer_since", "_rate_start", "_rate_count", "fps")
 
     def __init__(self, stream_id: str, owner_id: str) -> None:
         self.stream_id = stream_id
@@ -69,11 +72,30 @@ class StreamState:
         self.binary_video: dict[Peer, None] = {}
         self.alert_watchers: dict[Peer, None] = {}
         self.watchers: dict[Peer, Subscription] = {}
+        # watchers catching up on stored alerts: live alerts wait here, with their seq, until then
+        self.replaying: dict[Peer, list[tuple[int, Outgoing]]] = {}
         self.status = STATUS_OFFLINE
         self.frames_in = 0
         self.frames_relayed = 0
+        self.frames_dropped = 0
         self.last_frame_at = 0.0
         self.producer_since = 0.0
+        self._rate_start = 0.0
+        self._rate_count = 0
+        self.fps = 0.0  # frames per second over the last complete 2 s window
+
+    def count_frame(self, now: float) -> None:
+        self.frames_in += 1
+        self.last_frame_at = now
+        self._rate_count += 1
+        elapsed = now - self._rate_start
+        if elapsed >= FPS_WINDOW_S:
+            self.fps = self._rate_count / elapsed if elapsed < 2 * FPS_WINDOW_S else 0.0
+            self._rate_start, self._rate_count = now, 0
+
+    def current_fps(self, now: float) -> float:
+        """The recent frame rate; 0 once frames have stopped for a whole window."""
+        return self.fps if now - self.last_frame_at < 2 * FPS_WINDOW_S else 0.0
 
     @property
     def is_idle(self) -> bool:
@@ -118,14 +140,31 @@ class Hub:
             state.alert_watchers[peer] = None
         return previous
 
-    def add_watcher(self, state: StreamState, peer: Peer, sub: Subscription) -> None:
+    def add_watcher(self, state: StreamState, peer: Peer, sub: Subscription, *, replaying: bool = False) -> None:
+        """Add a watcher; with `replaying`, its live alerts are held until finish_replay()."""
         self._drop_watcher(state, peer)
         state.watchers[peer] = sub
         peer.watching[state.stream_id] = sub
         if sub.video:
             (state.binary_video if sub.binary else state.json_video)[peer] = None
         if sub.alerts:
-            state.alert_watchers[peer] = None
+            if replaying:
+                state.replaying[peer] = []
+            else:
+                state.alert_watchers[peer] = None
+
+    def finish_replay(self, state: StreamState, peer: Peer, last_seq: int) -> int:
+        """Send the live alerts held during the replay that it did not already cover, and make the
+        watcher live, in one step (no alert can slip between). Returns the last seq sent."""
+        held = state.replaying.pop(peer, None)
+        if held is None:
+            return last_seq
+        for seq, message in held:
+            if seq > last_seq:
+                peer.outbox.send(message)
+                last_seq = seq
+        state.alert_watchers[peer] = None
+        return last_seq
 
     def remove_watcher(self, state: StreamState, peer: Peer) -> None:
         self._drop_watcher(state, peer)
@@ -136,6 +175,7 @@ class Hub:
         state.watchers.pop(peer, None)
         state.json_video.pop(peer, None)
         state.binary_video.pop(peer, None)
+        state.replaying.pop(peer, None)
         if state.producer is not peer:
             state.alert_watchers.pop(peer, None)
 
@@ -167,23 +207,36 @@ class Hub:
     # ------------------------------------------------------------------ fan-out
     def publish_frame(self, state: StreamState, frame: Frame) -> None:
         """Send a frame to every video watcher in the form it asked for; never blocks."""
-        state.frames_in += 1
-        state.last_frame_at = time.time()
+        state.count_frame(time.time())
         sid = state.stream_id
+        dropped = 0
         if state.json_video:
             message = frame.as_json()
             for peer in state.json_video:
-                peer.outbox.send(message, sid)
+                dropped += peer.outbox.send(message, sid)
         if state.binary_video:
             message = frame.as_binary()
             for peer in state.binary_video:
-                peer.outbox.send(message, sid)
+                dropped += peer.outbox.send(message, sid)
         state.frames_relayed += len(state.json_video) + len(state.binary_video)
+        state.frames_dropped += dropped
 
-    def publish_alert(self, state: StreamState, payload: bytes) -> None:
+    def publish_alert(self, state: StreamState, payload: bytes, seq: int) -> None:
         message = Outgoing(payload)
         for peer in state.alert_watchers:
             peer.outbox.send(message)
+        for peer, held in list(state.replaying.items()):
+            held.append((seq, message))
+            if len(held) > MAX_REPLAY_BUFFER:  # the replay cannot keep up: this watcher must reconnect
+                state.replaying.pop(peer, None)
+                peer.send({"type": "error", "code": "slow-consumer", "message": "replay fell too far behind"})
+                peer.close(4413, "replay fell too far behind")
+
+    def publish_to_watchers(self, state: StreamState, message: dict[str, Any]) -> None:
+        """A message for everyone who receives the stream's alerts (e.g. an acknowledgement)."""
+        outgoing = Outgoing(encode(message))
+        for peer in state.alert_watchers:
+            peer.outbox.send(outgoing)
 
     def publish_status(self, state: StreamState, status: str, *, skip: Peer | None = None) -> None:
         state.status = status

@@ -80,26 +80,30 @@ class Outbox:
     def backlog_bytes(self) -> int:
         return self.inflight + self._batch_bytes
 
-    def send(self, message: Outgoing, stream_id: str = "") -> None:
-        """Queue a message; never blocks and never raises for a slow consumer (it closes it instead)."""
+    def send(self, message: Outgoing, stream_id: str = "") -> int:
+        """Queue a message; never blocks and never raises for a slow consumer (it closes it instead).
+
+        Returns 1 when this dropped a video frame (the one it replaced), else 0.
+        """
         if self.is_closed:
-            return
+            return 0
         size = len(message.wire)
         backlog = self.inflight + self._batch_bytes
         if message.is_droppable:
             if backlog and backlog + size > self._soft:
-                if stream_id in self._held:
-                    self.frames_dropped += 1
+                dropped = 1 if stream_id in self._held else 0
+                self.frames_dropped += dropped
                 self._held[stream_id] = message
-                return
+                return dropped
         elif backlog + size > self._hard:
             self._give_up()
-            return
+            return 0
         self._batch.append(message)
         self._batch_bytes += size
         if not self._marked:
             self._marked = True
             self._flusher.mark(self)
+        return 0
 
     def flush(self) -> None:
         """Write this turn's batch (called once per loop turn by the Flusher)."""

@@ -49,6 +49,7 @@ class Subscribe:
     token: str | None
     produces: tuple[str, ...]
     consumes: tuple[str, ...]
+    since_seq: int | None
     binary: bool
     ref: str | None
 
@@ -234,7 +235,7 @@ def _decode_base64(value: Any, name: str, max_bytes: int) -> bytes:
 
 _COMMON = frozenset({"type", "id"})
 _REGISTER = _COMMON | {"clientType", "streamId", "produces", "consumes", "userId", "token"}
-_SUBSCRIBE = _REGISTER | {"format"}  # sinceSeq arrives with alert replay (issue 3)
+_SUBSCRIBE = _REGISTER | {"format", "sinceSeq"}
 _UNSUBSCRIBE = _COMMON | {"streamId"}
 _AUTH = _COMMON | {"token", "userId"}
 _FRAME = _COMMON | {"streamId", "data", "timestamp", "width", "height", "format"}
@@ -269,13 +270,16 @@ def _subscribe(obj: dict[str, Any], limits: Limits) -> Subscribe:
         raise InvalidMessage("subscribe is for clientType 'dashboard' or 'ml-service'",
                              code="invalid-client-type")
     f.text("userId")
+    since = f.number("sinceSeq", high=2**53 - 1)
+    if since is not None and not isinstance(since, int):
+        raise InvalidMessage("sinceSeq must be a whole number", code="invalid-field")
     form = f.text("format", max_chars=16)
     if form not in (None, "json", "binary"):
         raise InvalidMessage("format must be 'json' or 'binary'", code="invalid-field")
     default_consumes = ("video-frame", "alert") if client_type == "dashboard" else ("video-frame",)
     default_produces = ("alert",) if client_type == "ml-service" else ()
     return Subscribe(f.stream_id(), client_type, f.token(), f.kinds("produces", default_produces),
-                     f.kinds("consumes", default_consumes), form == "binary", _ref(obj))
+                     f.kinds("consumes", default_consumes), since, form == "binary", _ref(obj))
 
 
 def _unsubscribe(obj: dict[str, Any], limits: Limits) -> Unsubscribe:

@@ -11,16 +11,21 @@ from watchout.alerts import AlertIntake
 from watchout.auth import Principal, TokenVerifier, can_watch, check_produce, check_watch
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StoreUnavailable, StreamBusy, Unauthenticated
 from watchout.hub import STATUS_ONLINE, STATUS_STREAMING, Hub, Peer, StreamState, Subscription
-from watchout.protocol import Alert, Auth, Register, Subscribe, Unsubscribe, VideoFrame
+from watchout.frames import Outgoing
+from watchout.protocol import Alert, Auth, Register, Subscribe, Unsubscribe, VideoFrame, encode, error_message
 from watchout.store import Store
+from watchout.views import alert_event
 
 log = logging.getLogger("watchout.relay")
+REPLAY_PAGE = 500
 
 
 class Relay:
     """The core operations behind the WebSocket protocol, one method per client message."""
 
-    def __init__(self, store: Store, hub: Hub, verifier: TokenVerifier, intake: AlertIntake) -> None:
+    def __init__(self, store: Store, hub: Hub, verifier: TokenVerifier, intake: AlertIntake, *,
+                 replay_pace_bytes: int = 256 * 1024) -> None:
+        self.replay_pace_bytes = replay_pace_bytes
         self.store = store
         self.hub = hub
         self.verifier = verifier
@@ -83,6 +88,7 @@ class Relay:
         created = False
         if owner is None:
             doc = await self.store.create_stream(msg.stream_id, principal.sub, status=STATUS_ONLINE)
+            assert doc is not None  # not exclusive: an existing stream is returned
             owner = str(doc["ownerId"])
             created = owner == principal.sub and doc["status"] == STATUS_ONLINE
             check_produce(principal, msg.stream_id, owner)  # another node may have created it first
@@ -127,10 +133,51 @@ class Relay:
         state = self.hub.state(msg.stream_id, owner)
         sub = Subscription(msg.client_type, "video-frame" in msg.consumes, "alert" in msg.consumes, msg.binary)
         peer.client_type = msg.client_type
-        self.hub.add_watcher(state, peer, sub)
+        replay = msg.since_seq is not None and sub.alerts
+        self.hub.add_watcher(state, peer, sub, replaying=replay)
         _reply(peer, {"type": "subscribed", "streamId": msg.stream_id, "connectionId": peer.id,
                       "status": state.status, "format": "binary" if msg.binary else "json"}, msg.ref)
+        if replay:
+            assert msg.since_seq is not None
+            # not awaited: the subscriber's reads (pongs included) must go on during a long replay
+            self._in_background(self._replay(peer, state, msg.since_seq))
         log.info("consumer subscribed", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
+
+    async def _replay(self, peer: Peer, state: StreamState, since_seq: int) -> None:
+        """Stored alerts after since_seq in order, then `replay-complete`, then live, without gap or repeat.
+
+        The watcher was registered before the first read, so an alert stored after that read is held
+        for it and sent after the replay unless the replay already covered it.
+        """
+        sid, last, complete = state.stream_id, since_seq, True
+        try:
+            doc = await self.store.get_stream(sid)
+            if doc is not None:
+                # alerts up to prunedSeq may have been removed by retention; a sinceSeq beyond the
+                # stream's last alert comes from another history (the stream was recreated)
+                complete = doc.get("prunedSeq", 0) <= since_seq <= doc.get("lastSeq", 0)
+            while self._still_replaying(peer, state):
+                page = await self.store.replay(sid, last, REPLAY_PAGE)
+                if not self._still_replaying(peer, state):
+                    return
+                for alert in page:
+                    peer.outbox.send(Outgoing(encode(alert_event(alert))))
+                    last = alert["seq"]
+                if len(page) < REPLAY_PAGE:
+                    break
+                while peer.outbox.backlog_bytes > self.replay_pace_bytes and not peer.outbox.is_closed:
+                    await asyncio.sleep(0.005)  # let the watcher read before the next page
+        except StoreUnavailable as exc:
+            complete = False
+            peer.send(error_message(exc.code, f"replay stopped: {exc.message}"))
+        if not self._still_replaying(peer, state):
+            return
+        peer.send({"type": "replay-complete", "streamId": sid, "lastSeq": last, "complete": complete})
+        self.hub.finish_replay(state, peer, last)
+
+    @staticmethod
+    def _still_replaying(peer: Peer, state: StreamState) -> bool:
+        return peer in state.replaying and not peer.outbox.is_closed
 
     def unsubscribe(self, peer: Peer, msg: Unsubscribe) -> None:
         state = self.hub.streams.get(msg.stream_id)

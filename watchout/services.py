@@ -32,12 +32,22 @@ class Services:
     def intake(self) -> AlertIntake:
         return self.relay.intake
 
+    def replace_verifier(self, settings: Settings) -> None:
+        """Check new tokens with settings' JWT key and claims from now on (SIGHUP: key rotation).
+
+        Connections already authenticated keep their principals. Raises ConfigError or OSError
+        (an unreadable key file) before anything is replaced.
+        """
+        verifier = TokenVerifier(settings)
+        self.settings = settings
+        self.verifier = self.relay.verifier = verifier
+
 
 def build_services(settings: Settings, store: Store) -> Services:
     """Wire the core around an open store (tests pass one store to several apps to simulate restarts)."""
     hub = Hub()
     verifier = TokenVerifier(settings)
-    relay = Relay(store, hub, verifier, AlertIntake(store, hub))
+    relay = Relay(store, hub, verifier, AlertIntake(store, hub), replay_pace_bytes=settings.outbox_soft_bytes // 2)
     limits = Limits(settings.max_control_message_bytes, settings.max_metadata_bytes, settings.max_snapshot_bytes)
     return Services(settings, store, hub, verifier, relay, limits)
 

@@ -11,6 +11,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from watchout.errors import StoreUnavailable
+from watchout.queries import AlertFilter
 from watchout.settings import Settings
 
 log = logging.getLogger("watchout.store")
@@ -86,15 +87,23 @@ class Store:
         return _stream_out(doc) if doc else None
 
     async def create_stream(self, stream_id: str, owner_id: str, name: str | None = None, *,
-                            status: str = "offline") -> dict[str, Any]:
-        """Insert a stream; if another request created it first, return that one (status unchanged)."""
+                            status: str = "offline", metadata: dict[str, Any] | None = None,
+                            exclusive: bool = False) -> dict[str, Any] | None:
+        """Insert a stream; if it exists already, return the existing one (status unchanged), or
+        None when `exclusive`.
+
+        `alertSeq` allocates alert numbers; `lastSeq` is the highest one whose alert and every
+        earlier one are stored (history is read up to it, replay continues after it).
+        """
         now = utcnow()
         doc = {"_id": stream_id, "ownerId": owner_id, "name": name or stream_id, "status": status,
                "createdAt": now, "lastSeenAt": now if status != "offline" else None, "lastFrameAt": None,
-               "alertSeq": 0}
+               "alertSeq": 0, "lastSeq": 0, "prunedSeq": 0, "metadata": metadata or {}}
         try:
             await self._streams.insert_one(doc)
         except DuplicateKeyError:
+            if exclusive:
+                return None
             existing = await self.get_stream(stream_id)
             if existing is None:  # pragma: no cover - deleted between the two calls
                 raise StoreUnavailable("stream vanished while being created") from None
@@ -102,6 +111,33 @@ class Store:
         except PyMongoError as exc:
             raise StoreUnavailable("could not create stream") from exc
         return _stream_out(doc)
+
+    async def list_streams(self, owner_id: str | None, status: str | None, limit: int,
+                           after: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+        """Newest first. `after` is (createdAt ISO, streamId) of the previous page's last item."""
+        query: dict[str, Any] = {}
+        if owner_id is not None:
+            query["ownerId"] = owner_id
+        if status is not None:
+            query["status"] = status
+        if after is not None:
+            created = dt.datetime.fromisoformat(after[0])
+            query["$or"] = [{"createdAt": {"$lt": created}}, {"createdAt": created, "_id": {"$lt": after[1]}}]
+        try:
+            cursor = self._streams.find(query).sort([("createdAt", DESC), ("_id", DESC)]).limit(limit)
+            return [_stream_out(d) async for d in cursor]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not list streams") from exc
+
+    async def delete_stream(self, stream_id: str) -> bool:
+        """Remove a stream with its alerts and snapshots; False if it did not exist."""
+        try:
+            result = await self._streams.delete_one({"_id": stream_id})
+            await self._alerts.delete_many({"streamId": stream_id})
+            await self._snapshots.delete_many({"streamId": stream_id})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not delete stream") from exc
+        return bool(result.deleted_count)
 
     async def set_stream_status(self, stream_id: str, status: str, *, frame_at: dt.datetime | None = None) -> None:
         update: dict[str, Any] = {"status": status, "lastSeenAt": utcnow()}
@@ -140,6 +176,71 @@ class Store:
             raise StoreUnavailable("could not store alerts") from exc
         return set()
 
+    async def mark_stored(self, stream_id: str, seq: int) -> None:
+        """Every alert of the stream up to `seq` is stored: history may now show them."""
+        try:
+            await self._streams.update_one({"_id": stream_id}, {"$max": {"lastSeq": seq}})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not update the stream's last alert number") from exc
+
+    async def stream_history(self, stream_id: str, max_seq: int, flt: AlertFilter, limit: int,
+                             before_seq: int | None = None) -> list[dict[str, Any]]:
+        """One stream's alerts with seq <= max_seq (and < before_seq), newest first."""
+        query = _alert_query(flt)
+        query["streamId"] = stream_id
+        bound = max_seq if before_seq is None else min(max_seq, before_seq - 1)
+        query["seq"] = {"$lte": bound, **({"$gt": flt.after_seq} if flt.after_seq is not None else {})}
+        return await self._find_alerts(query, [("seq", DESC)], limit)
+
+    async def alert_history(self, stream_ids: list[str] | None, owner_id: str | None, flt: AlertFilter,
+                            limit: int, before: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+        """Alerts across streams, newest received first. `before` is (receivedAt ISO, alertId)."""
+        query = _alert_query(flt)
+        if stream_ids is not None:
+            query["streamId"] = {"$in": stream_ids}
+        if owner_id is not None:
+            query["ownerId"] = owner_id
+        if flt.after_seq is not None:
+            query["seq"] = {"$gt": flt.after_seq}
+        if before is not None:
+            received, alert_id = dt.datetime.fromisoformat(before[0]), ObjectId(before[1])
+            query["$or"] = [{"receivedAt": {"$lt": received}}, {"receivedAt": received, "_id": {"$lt": alert_id}}]
+        return await self._find_alerts(query, [("receivedAt", DESC), ("_id", DESC)], limit)
+
+    async def replay(self, stream_id: str, after_seq: int, limit: int) -> list[dict[str, Any]]:
+        """Stored alerts of a stream with seq > after_seq, oldest first."""
+        return await self._find_alerts({"streamId": stream_id, "seq": {"$gt": after_seq}}, [("seq", ASC)], limit)
+
+    async def _find_alerts(self, query: dict[str, Any], order: list[tuple[str, int]], limit: int
+                           ) -> list[dict[str, Any]]:
+        try:
+            cursor = self._alerts.find(query).sort(order).limit(limit)
+            return [_alert_out(d) async for d in cursor]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read alerts") from exc
+
+    async def get_alert(self, alert_id: str) -> dict[str, Any] | None:
+        if not ObjectId.is_valid(alert_id):
+            return None
+        try:
+            doc = await self._alerts.find_one({"_id": ObjectId(alert_id)})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read alert") from exc
+        return _alert_out(doc) if doc else None
+
+    async def acknowledge_alert(self, alert_id: str, by: str) -> dict[str, Any] | None:
+        """Record who acknowledged the alert and when; the first acknowledgement stays. None if missing."""
+        if not ObjectId.is_valid(alert_id):
+            return None
+        try:
+            doc = await self._alerts.find_one_and_update(
+                {"_id": ObjectId(alert_id), "acknowledged": None},
+                {"$set": {"acknowledged": {"by": by, "at": utcnow()}}},
+                return_document=pymongo.ReturnDocument.AFTER)
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not acknowledge alert") from exc
+        return _alert_out(doc) if doc else await self.get_alert(alert_id)
+
     async def find_alert_by_client_id(self, stream_id: str, sender_id: str, client_id: str) -> dict[str, Any] | None:
         try:
             doc = await self._alerts.find_one({"streamId": stream_id, "senderId": sender_id, "clientId": client_id})
@@ -152,14 +253,6 @@ class Store:
             return int(await self._alerts.count_documents({"streamId": stream_id}))
         except PyMongoError as exc:
             raise StoreUnavailable("could not count alerts") from exc
-
-    async def list_alerts(self, stream_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        """Alerts of one stream in seq order (full history queries arrive with the REST API)."""
-        try:
-            cursor = self._alerts.find({"streamId": stream_id}).sort("seq", ASC).limit(limit)
-            return [_alert_out(d) async for d in cursor]
-        except PyMongoError as exc:
-            raise StoreUnavailable("could not read alerts") from exc
 
     async def save_snapshot(self, alert_id: str, stream_id: str, jpeg: bytes) -> None:
         try:
@@ -201,6 +294,18 @@ def _install_mongomock_id_lookup() -> None:
 
     collection_cls._iter_documents = iter_documents
     collection_cls._watchout_id_lookup = True
+
+
+def _alert_query(flt: AlertFilter) -> dict[str, Any]:
+    query: dict[str, Any] = {}
+    if flt.severities is not None:
+        query["severity"] = {"$in": list(flt.severities)}
+    if flt.since is not None or flt.until is not None:
+        query["receivedAt"] = {**({"$gte": flt.since} if flt.since else {}),
+                               **({"$lt": flt.until} if flt.until else {})}
+    if flt.acknowledged is not None:
+        query["acknowledged"] = {"$ne": None} if flt.acknowledged else None
+    return query
 
 
 def _stream_out(doc: dict[str, Any]) -> dict[str, Any]:

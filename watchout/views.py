@@ -1,0 +1,72 @@
+"""How stored alerts and streams look to clients: WebSocket events and REST resources."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from watchout.hub import StreamState
+
+
+def _ms(value: dt.datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # the embedded store hands back naive UTC in a few paths
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def alert_event(doc: dict[str, Any]) -> dict[str, Any]:
+    """The `alert` message, live or replayed: the sender's fields first, then the server's."""
+    event: dict[str, Any] = {"type": "alert", "streamId": doc["streamId"], "severity": doc["severity"],
+                             "message": doc["message"], "metadata": doc["metadata"], "timestamp": doc["timestamp"],
+                             "alertId": doc["alertId"], "seq": doc["seq"], "receivedAt": _ms(doc["receivedAt"])}
+    if doc.get("hasSnapshot"):
+        event["hasSnapshot"] = True
+    if doc.get("acknowledged"):
+        event["acknowledged"] = {"by": doc["acknowledged"]["by"], "at": _ms(doc["acknowledged"]["at"])}
+    return event
+
+
+def ack_event(doc: dict[str, Any]) -> dict[str, Any]:
+    """Pushed to a stream's alert watchers when an operator acknowledges one of its alerts."""
+    ack = doc["acknowledged"]
+    return {"type": "alert-acknowledged", "streamId": doc["streamId"], "alertId": doc["alertId"], "seq": doc["seq"],
+            "acknowledged": {"by": ack["by"], "at": _ms(ack["at"])}}
+
+
+def alert_resource(doc: dict[str, Any]) -> dict[str, Any]:
+    """An alert in REST responses."""
+    ack = doc.get("acknowledged")
+    return {"alertId": doc["alertId"], "streamId": doc["streamId"], "seq": doc["seq"], "severity": doc["severity"],
+            "message": doc["message"], "metadata": doc["metadata"], "timestamp": doc["timestamp"],
+            "receivedAt": _iso(doc["receivedAt"]), "senderId": doc.get("senderId"),
+            "acknowledged": {"by": ack["by"], "at": _iso(ack["at"])} if ack else None,
+            "snapshotUrl": f"/api/alerts/{doc['alertId']}/snapshot.jpg" if doc.get("hasSnapshot") else None}
+
+
+def stream_resource(doc: dict[str, Any], live: StreamState | None = None, now: float | None = None
+                    ) -> dict[str, Any]:
+    """A stream in REST responses; with `live`, this node's live figures for it."""
+    resource: dict[str, Any] = {
+        "streamId": doc["streamId"], "name": doc.get("name", doc["streamId"]), "ownerId": doc["ownerId"],
+        "status": live.status if live is not None and live.producer is not None else doc.get("status", "offline"),
+        "metadata": doc.get("metadata", {}), "createdAt": _iso(doc.get("createdAt")),
+        "lastSeenAt": _iso(doc.get("lastSeenAt")), "lastFrameAt": _iso(doc.get("lastFrameAt")),
+        "lastSeq": doc.get("lastSeq", 0)}
+    if now is not None:
+        resource["live"] = live_figures(live, now)
+    return resource
+
+
+def live_figures(live: StreamState | None, now: float) -> dict[str, Any]:
+    if live is None:
+        return {"producerConnected": False, "consumers": 0, "fps": 0.0, "lastFrameAgeMs": None,
+                "framesRelayed": 0, "framesDropped": 0}
+    return {"producerConnected": live.producer is not None, "consumers": len(live.watchers),
+            "fps": round(live.current_fps(now), 1),
+            "lastFrameAgeMs": int((now - live.last_frame_at) * 1000) if live.last_frame_at else None,
+            "framesRelayed": live.frames_relayed, "framesDropped": live.frames_dropped}
