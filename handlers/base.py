@@ -7,8 +7,17 @@ import orjson
 import tornado.web
 
 from watchout.auth import Principal
-from watchout.errors import WatchoutError
+from watchout.errors import InvalidMessage, StoreUnavailable, TooLarge, Unauthenticated, WatchoutError
+from watchout.protocol import loads_object
 from watchout.services import Services
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class UnsupportedMediaType(WatchoutError):
+    code = "unsupported-media-type"
+    http_status = 415
+    close_code = None
 
 
 class ApiHandler(tornado.web.RequestHandler):
@@ -16,6 +25,32 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def initialize(self, services: Services) -> None:
         self.services = services
+
+    def principal(self) -> Principal:
+        """The caller's verified identity; raises Unauthenticated (401) without a valid bearer token."""
+        token = self.bearer_token()
+        if token is None:
+            raise Unauthenticated("send Authorization: Bearer <token>", code="token-missing")
+        return self.services.verifier.verify(token)
+
+    def json_body(self, *, optional: bool = False) -> dict[str, Any]:
+        """The request's JSON object: 415 for another media type, 413 past 64 KiB, 400 when invalid."""
+        body = self.request.body
+        if not body and optional:
+            return {}
+        media_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise UnsupportedMediaType("send the body as application/json")
+        if len(body) > MAX_BODY_BYTES:
+            raise TooLarge(f"the body may be at most {MAX_BODY_BYTES} bytes", code="too-large")
+        try:
+            return loads_object(body)
+        except InvalidMessage as exc:
+            raise InvalidMessage(f"invalid JSON body: {exc.message}", code="invalid-json") from None
+
+    def query_args(self) -> dict[str, list[str]]:
+        return {name: [v.decode("utf-8", "replace") for v in values]
+                for name, values in self.request.query_arguments.items()}
 
     def bearer_token(self) -> str | None:
         header = self.request.headers.get("Authorization", "")
@@ -38,14 +73,22 @@ class ApiHandler(tornado.web.RequestHandler):
         if isinstance(exc, WatchoutError):
             code, message = exc.code, exc.message
         elif isinstance(exc, tornado.web.HTTPError):
-            code, message = "http-error", exc.log_message or self._reason
+            code = {404: "not-found", 405: "method-not-allowed"}.get(status_code, "http-error")
+            message = exc.log_message or self._reason
         else:
             code, message = "internal", "internal error"
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps({"error": {"code": code, "message": message}}))
 
     def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, WatchoutError) and e.http_status < 500:
+        if isinstance(e, WatchoutError) and (e.http_status < 500 or isinstance(e, StoreUnavailable)):
             self.send_error(e.http_status, exc_info=(type(e), e, e.__traceback__))
             return
         super()._handle_request_exception(e)
+
+
+class NotFoundHandler(ApiHandler):
+    """Every unknown path: a JSON 404 in the API's error shape."""
+
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404, "no such resource")

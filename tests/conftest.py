@@ -16,7 +16,7 @@ import tornado.httpserver
 import tornado.testing
 import tornado.websocket
 
-from handlers import ROUTES
+from handlers import DEFAULT_HANDLER, ROUTES
 from watchout.app import make_app, server_options
 from watchout.auth import mint_token
 from watchout.services import Services, open_services
@@ -58,7 +58,7 @@ async def start_server(settings: Settings, store: Store | None = None) -> tuple[
     """Start the real app on an already-listening loopback socket; returns (server, closer)."""
     context = open_services(settings, store)
     services = await context.__aenter__()
-    app = make_app(services, ROUTES)
+    app = make_app(services, ROUTES, DEFAULT_HANDLER)
     http = tornado.httpserver.HTTPServer(app, **server_options(services))
     sock, port = tornado.testing.bind_unused_port()
     http.add_sockets([sock])
@@ -194,3 +194,37 @@ async def watcher(ws_connect: Callable[..., Any], token: Callable[..., str], str
     await client.send(message)
     await client.recv_type("subscribed")
     return client
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: Any
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+@pytest.fixture
+def api(server: Server) -> Callable[..., Any]:
+    """Call the REST API: `await api("GET", "/api/streams", token=...)` -> Response (never raises on status)."""
+    client = tornado.httpclient.AsyncHTTPClient()
+
+    async def call(method: str, path: str, token: str | None = None, body: Any = None,
+                   content_type: str = "application/json", headers: dict[str, str] | None = None) -> Response:
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        data: bytes | None = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else (body.encode() if isinstance(body, str) else
+                                                         json.dumps(body).encode())
+            all_headers.setdefault("Content-Type", content_type)
+        request = tornado.httpclient.HTTPRequest(server.url(path), method=method, headers=all_headers, body=data,
+                                                 allow_nonstandard_methods=True)
+        response = await client.fetch(request, raise_error=False)
+        return Response(response.code, response.body or b"", response.headers)
+
+    return call

@@ -8,12 +8,17 @@ import tornado.web
 from watchout.services import Services
 
 
-def make_app(services: Services, routes: list[Any]) -> tornado.web.Application:
-    """The application for `routes` (handlers.ROUTES); handlers get `services` through initialize()."""
+def make_app(services: Services, routes: list[Any], default_handler: Any = None) -> tornado.web.Application:
+    """The application for `routes` (handlers.ROUTES); handlers get `services` through initialize().
+
+    `default_handler` answers unknown paths (handlers.DEFAULT_HANDLER: a JSON 404).
+    """
     s = services.settings
     table = [(path, handler, {"services": services}) for path, handler in routes]
     return tornado.web.Application(
         table,
+        default_handler_class=default_handler,
+        default_handler_args={"services": services} if default_handler else None,
         websocket_ping_interval=s.ws_ping_interval_s or None,
         websocket_ping_timeout=s.ws_ping_timeout_s or None,
         websocket_max_message_size=s.max_message_bytes,

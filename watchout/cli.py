@@ -127,7 +127,7 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
     import tornado.httpserver
     import tornado.netutil
 
-    from handlers import ROUTES
+    from handlers import DEFAULT_HANDLER, ROUTES
     from watchout.app import make_app, server_options
     from watchout.services import open_services
 
@@ -143,7 +143,7 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
         loop.add_signal_handler(sig, stop.set)
     try:
         async with open_services(settings) as services:
-            app = make_app(services, ROUTES)
+            app = make_app(services, ROUTES, DEFAULT_HANDLER)
             server = tornado.httpserver.HTTPServer(app, **server_options(services))
             server.add_sockets(sockets)
             # Everything alive now (modules, settings, the app) lives as long as the process: keep it

@@ -235,7 +235,7 @@ class Hub:
     def publish_to_watchers(self, state: StreamState, message: dict[str, Any]) -> None:
         """A message for everyone who receives the stream's alerts (e.g. an acknowledgement)."""
         outgoing = Outgoing(encode(message))
-        for peer in state.alert_watchers:
+        for peer in (*state.alert_watchers, *state.replaying):
             peer.outbox.send(outgoing)
 
     def publish_status(self, state: StreamState, status: str, *, skip: Peer | None = None) -> None:

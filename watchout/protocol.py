@@ -117,7 +117,7 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constant, parse_float=_finite_float)
 
 
-def _loads(text: str | bytes) -> dict[str, Any]:
+def loads_object(text: str | bytes) -> dict[str, Any]:
     """Parse one JSON object strictly: no duplicate keys, NaN/Infinity, or pathological nesting."""
     try:
         if isinstance(text, bytes):
@@ -408,7 +408,7 @@ def _fast_video_frame(raw: bytes, limits: Limits) -> VideoFrame | None:
         jpeg = pybase64.b64decode(memoryview(raw)[start:end], validate=True)
     except (binascii.Error, ValueError):
         return None
-    obj = _loads(raw[:start] + raw[end:])
+    obj = loads_object(raw[:start] + raw[end:])
     if obj.get("type") != "video-frame" or obj.get("data") != "" or not jpeg:
         return None
     try:
@@ -431,7 +431,7 @@ def parse_text(text: str, limits: Limits) -> Message:
     too_big = (len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))) > limits.max_control_bytes
     if too_big and '"video-frame"' not in text[:256]:  # spare the parser what is refused anyway
         raise TooLarge(f"a non-frame message may be at most {limits.max_control_bytes} bytes")
-    obj = _loads(text)
+    obj = loads_object(text)
     if too_big and obj.get("type") != "video-frame":  # '"video-frame"' may have sat in another field
         raise TooLarge(f"a non-frame message may be at most {limits.max_control_bytes} bytes")
     return _dispatch(obj, limits)

@@ -211,6 +211,15 @@ class Relay:
             raise NotFound(f"stream {msg.stream_id} not found", code="not-found")
         self.intake.submit(peer, state, msg, principal.sub)
 
+    def close_stream(self, stream_id: str, code: int, reason: str) -> None:
+        """Close every local connection of a stream (its producer and watchers), e.g. when it is deleted."""
+        state = self.hub.streams.get(stream_id)
+        if state is None:
+            return
+        for peer in list(state.participants()):
+            peer.send(error_message("stream-deleted" if code == 4410 else "closed", reason))
+            peer.close(code, reason)
+
     # ------------------------------------------------------------------ lifecycle
     def disconnect(self, peer: Peer) -> None:
         orphaned = self.hub.remove_peer(peer)

@@ -113,16 +113,20 @@ class Store:
         return _stream_out(doc)
 
     async def list_streams(self, owner_id: str | None, status: str | None, limit: int,
-                           after: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+                           after: tuple[str, str] | None = None, *, stream_ids: list[str] | None = None
+                           ) -> list[dict[str, Any]]:
         """Newest first. `after` is (createdAt ISO, streamId) of the previous page's last item."""
         query: dict[str, Any] = {}
         if owner_id is not None:
             query["ownerId"] = owner_id
+        if stream_ids is not None:
+            query["_id"] = {"$in": stream_ids}
         if status is not None:
             query["status"] = status
         if after is not None:
             created = dt.datetime.fromisoformat(after[0])
-            query["$or"] = [{"createdAt": {"$lt": created}}, {"createdAt": created, "_id": {"$lt": after[1]}}]
+            query["$and"] = [{"$or": [{"createdAt": {"$lt": created}},
+                                      {"createdAt": created, "_id": {"$lt": after[1]}}]}]
         try:
             cursor = self._streams.find(query).sort([("createdAt", DESC), ("_id", DESC)]).limit(limit)
             return [_stream_out(d) async for d in cursor]

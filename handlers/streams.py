@@ -1,0 +1,25 @@
+"""REST handlers for streams: register, list, read with live figures, delete."""
+from __future__ import annotations
+
+from handlers.base import ApiHandler
+from watchout import catalog
+
+
+class StreamsHandler(ApiHandler):
+    async def post(self) -> None:
+        stream = await catalog.register_stream(self.services, self.principal(), self.json_body())
+        self.set_header("Location", f"/api/streams/{stream['streamId']}")
+        self.write_json(stream, 201)
+
+    async def get(self) -> None:
+        self.write_json(await catalog.list_streams(self.services, self.principal(), self.query_args()))
+
+
+class StreamHandler(ApiHandler):
+    async def get(self, stream_id: str) -> None:
+        self.write_json(await catalog.get_stream(self.services, self.principal(), stream_id))
+
+    async def delete(self, stream_id: str) -> None:
+        await catalog.delete_stream(self.services, self.principal(), stream_id)
+        self.set_status(204)
+        self.finish()
