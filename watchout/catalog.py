@@ -11,6 +11,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
+
 from watchout.auth import Principal, can_watch, check_watch
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StreamBusy
 from watchout.protocol import STREAM_ID_RE
@@ -30,6 +32,15 @@ def _scope(p: Principal) -> list[str] | None:
     return None if p.streams is None or "*" in p.streams else list(p.streams)
 
 
+def _is_encodable(value: Any) -> bool:
+    """Whether responses can carry `value` back (protocol.py checks alert metadata the same way)."""
+    try:
+        orjson.dumps(value, option=orjson.OPT_STRICT_INTEGER)
+    except orjson.JSONEncodeError:  # lone surrogates (\ud800), integers past 2**53, nesting past 254 levels
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------- streams
 
 async def register_stream(services: Services, p: Principal, body: dict[str, Any]) -> dict[str, Any]:
@@ -39,6 +50,9 @@ async def register_stream(services: Services, p: Principal, body: dict[str, Any]
         raise InvalidMessage(f"unknown field {unknown[0]!r}", code="unknown-field")
     if p.role == "service":
         raise Forbidden("service tokens cannot register streams")
+    if not _is_encodable(body):
+        raise InvalidMessage("the body holds a lone surrogate, an integer past 2**53 or nesting past 254 levels",
+                             code="invalid-field")
     name = body.get("name")
     if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_NAME_CHARS:
         raise InvalidMessage(f"name must be a string of 1 to {MAX_NAME_CHARS} characters", code="invalid-field")

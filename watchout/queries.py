@@ -50,11 +50,16 @@ def check_names(args: Mapping[str, Sequence[str]], allowed: Sequence[str]) -> No
             raise bad(name, "unknown parameter" if "[" not in name else "operators are not accepted")
 
 
+def _is_whole(raw: str) -> bool:
+    """At most 15 ASCII digits: str.isdigit() alone passes '²' and 5000-digit numbers, which int() refuses."""
+    return raw.isascii() and raw.isdigit() and len(raw) <= 15
+
+
 def parse_limit(args: Mapping[str, Sequence[str]]) -> int:
     raw = single(args, "limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not _is_whole(raw) or not 1 <= int(raw) <= MAX_LIMIT:
         raise bad("limit", f"a whole number from 1 to {MAX_LIMIT}")
     return int(raw)
 
@@ -63,7 +68,7 @@ def parse_int(args: Mapping[str, Sequence[str]], name: str) -> int | None:
     raw = single(args, name)
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 15:
+    if not _is_whole(raw):
         raise bad(name, "a whole number of at least 0")
     return int(raw)
 
@@ -78,7 +83,10 @@ def parse_time(args: Mapping[str, Sequence[str]], name: str) -> dt.datetime | No
         raise bad(name, "an ISO 8601 time such as 2026-11-26T12:00:00Z") from None
     if value.tzinfo is None:
         raise bad(name, "the time needs a zone (Z or +hh:mm)")
-    return value.astimezone(dt.timezone.utc)
+    try:
+        return value.astimezone(dt.timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is past datetime.max in UTC
+        raise bad(name, "a time between years 1 and 9999 in UTC") from None
 
 
 def parse_bool(args: Mapping[str, Sequence[str]], name: str) -> bool | None:
