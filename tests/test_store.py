@@ -105,3 +105,83 @@ async def test_embedded_id_lookup_matches_a_full_scan(store):
     # an operator filter goes through mongomock's scan; an exact id takes the shortcut: same answer
     by_scan = [d async for d in store._streams.find({"_id": {"$in": ["s3"]}})]
     assert [await store.get_stream("s3")] == [dict(d, streamId=d.pop("_id")) for d in by_scan]
+
+
+async def _stored_alerts(store, stream="s1", count=6, owner="alice"):
+    await store.create_stream(stream, owner)
+    first = await store.reserve_seqs(stream, count)
+    severities = ("low", "medium", "high", "critical")
+    docs = [dict(_alert(first + i, stream=stream), severity=severities[i % 4], ownerId=owner) for i in range(count)]
+    await store.insert_alerts(docs)
+    await store.mark_stored(stream, first + count - 1)
+    return docs
+
+
+async def test_streams_are_listed_newest_first_by_owner_and_status_across_pages(store):
+    for i in range(5):
+        await store.create_stream(f"s{i}", "alice" if i != 2 else "bob", status="online" if i % 2 else "offline")
+        await asyncio.sleep(0.002)  # distinct creation times (MongoDB keeps milliseconds)
+    page = await store.list_streams("alice", None, 2)
+    assert [s["streamId"] for s in page] == ["s4", "s3"]
+    after = (page[-1]["createdAt"].isoformat(), page[-1]["streamId"])
+    assert [s["streamId"] for s in await store.list_streams("alice", None, 10, after)] == ["s1", "s0"]
+    assert [s["streamId"] for s in await store.list_streams(None, "online", 10)] == ["s3", "s1"]
+    assert [s["streamId"] for s in await store.list_streams(None, None, 10, stream_ids=["s0", "s2"])] == ["s2", "s0"]
+
+
+async def test_exclusive_create_refuses_an_existing_stream(store):
+    assert await store.create_stream("s1", "alice", exclusive=True) is not None
+    assert await store.create_stream("s1", "bob", exclusive=True) is None
+
+
+async def test_history_is_bounded_by_the_stored_watermark_and_filters(store):
+    from watchout.queries import AlertFilter
+    await _stored_alerts(store, count=6)
+    stream = await store.get_stream("s1")
+    assert (stream["alertSeq"], stream["lastSeq"]) == (6, 6)
+    assert [a["seq"] for a in await store.stream_history("s1", 6, AlertFilter(), 10)] == [6, 5, 4, 3, 2, 1]
+    assert [a["seq"] for a in await store.stream_history("s1", 4, AlertFilter(), 10)] == [4, 3, 2, 1]
+    assert [a["seq"] for a in await store.stream_history("s1", 6, AlertFilter(), 2, before_seq=5)] == [4, 3]
+    picked = await store.stream_history("s1", 6, AlertFilter(severities=("low", "critical")), 10)
+    assert [a["seq"] for a in picked] == [5, 4, 1]
+    assert [a["seq"] for a in await store.stream_history("s1", 6, AlertFilter(after_seq=4), 10)] == [6, 5]
+    await store.mark_stored("s1", 3)  # $max: the watermark never goes back
+    assert (await store.get_stream("s1"))["lastSeq"] == 6
+
+
+async def test_alert_history_across_streams_pages_by_received_time(store):
+    from watchout.queries import AlertFilter
+    await _stored_alerts(store, "s1", 3)
+    await asyncio.sleep(0.002)
+    await _stored_alerts(store, "s2", 3)
+    await _stored_alerts(store, "s3", 2, owner="bob")
+    everything = await store.alert_history(None, "alice", AlertFilter(), 10)
+    assert [(a["streamId"], a["seq"]) for a in everything] == [("s2", 3), ("s2", 2), ("s2", 1),
+                                                               ("s1", 3), ("s1", 2), ("s1", 1)]
+    first = everything[1]
+    before = (first["receivedAt"].isoformat(), first["alertId"])
+    rest = await store.alert_history(None, "alice", AlertFilter(), 10, before=before)
+    assert [(a["streamId"], a["seq"]) for a in rest] == [("s2", 1), ("s1", 3), ("s1", 2), ("s1", 1)]
+    assert [a["streamId"] for a in await store.alert_history(["s3"], None, AlertFilter(), 10)] == ["s3", "s3"]
+
+
+async def test_acknowledgement_keeps_the_first_and_replay_sees_it(store):
+    docs = await _stored_alerts(store, count=2)
+    first = await store.acknowledge_alert(docs[0]["alertId"], "alice")
+    second = await store.acknowledge_alert(docs[0]["alertId"], "bob")
+    assert first["acknowledged"]["by"] == "alice" == second["acknowledged"]["by"]
+    assert await store.acknowledge_alert("0" * 24, "alice") is None
+    assert await store.acknowledge_alert("not-an-id", "alice") is None
+    replayed = await store.replay("s1", 0, 10)
+    assert [a["acknowledged"] is not None for a in replayed] == [True, False]
+
+
+async def test_deleting_a_stream_removes_its_alerts_and_snapshots(store):
+    docs = await _stored_alerts(store, count=2)
+    await store.save_snapshot(docs[0]["alertId"], "s1", b"jpeg")
+    await _stored_alerts(store, "other", 1)
+    assert await store.delete_stream("s1") is True
+    assert await store.get_stream("s1") is None and await store.count_alerts("s1") == 0
+    assert await store.get_snapshot(docs[0]["alertId"]) is None
+    assert await store.count_alerts("other") == 1
+    assert await store.delete_stream("s1") is False
