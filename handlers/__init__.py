@@ -1,13 +1,17 @@
 """Tornado handlers; ROUTES is the URL table that watchout.cli passes to make_app()."""
+from tornado.web import RequestHandler
+
 from handlers.alerts import AlertAckHandler, AlertsHandler, SnapshotHandler, StreamAlertsHandler
 from handlers.base import NotFoundHandler
+from handlers.metrics import MetricsHandler
 from handlers.openapi import OpenApiHandler
 from handlers.socket import RelaySocket
 from handlers.status import HealthHandler, StatsHandler
 from handlers.streams import StreamHandler, StreamsHandler
 
 _ID = r"([^/]+)"
-ROUTES = [
+Routes = list[tuple[str, type[RequestHandler]]]
+ROUTES: Routes = [
     (r"/ws", RelaySocket),
     (r"/health", HealthHandler),
     (r"/stats", StatsHandler),
@@ -19,4 +23,5 @@ ROUTES = [
     (rf"/api/alerts/{_ID}/snapshot\.jpg", SnapshotHandler),
     (r"/api/openapi\.json", OpenApiHandler),
 ]
+METRICS_ROUTES: Routes = [(r"/metrics", MetricsHandler)]  # on the main port, or alone on metrics_port
 DEFAULT_HANDLER = NotFoundHandler

@@ -29,9 +29,13 @@ class ApiHandler(tornado.web.RequestHandler):
     def principal(self) -> Principal:
         """The caller's verified identity; raises Unauthenticated (401) without a valid bearer token."""
         token = self.bearer_token()
-        if token is None:
-            raise Unauthenticated("send Authorization: Bearer <token>", code="token-missing")
-        return self.services.verifier.verify(token)
+        try:
+            if token is None:
+                raise Unauthenticated("send Authorization: Bearer <token>", code="token-missing")
+            return self.services.verifier.verify(token)
+        except Unauthenticated as exc:
+            self.services.metrics.auth_failures.labels(exc.code).inc()
+            raise
 
     def json_body(self, *, optional: bool = False) -> dict[str, Any]:
         """The request's JSON object: 415 for another media type, 413 past 64 KiB, 400 when invalid."""

@@ -97,6 +97,8 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
             self._timer.cancel()
         peer = getattr(self, "peer", None)
         if peer is not None:
+            code = peer.closed_with or self.close_code or 1006  # 1006: dropped without a close frame
+            self.services.metrics.closes.labels(str(code)).inc()
             peer.outbox.is_closed = True
             self.services.relay.disconnect(peer)
             peer.detach()
@@ -131,6 +133,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
     # ------------------------------------------------------------------ messages
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         msg: Message | None = None
+        self.services.hub.bytes_in += len(message)
         try:
             if not self._within_rate():
                 return None
@@ -205,6 +208,8 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
 
     def _fail(self, exc: WatchoutError, ref: str | None) -> None:
         """The one place where core errors become an `error` reply or a close code."""
+        if isinstance(exc, (Unauthenticated, AuthTimeout)):
+            self.services.metrics.auth_failures.labels(exc.code).inc()
         reply = error_message(exc.code, exc.message, ref or exc.ref)
         if exc.close_code is None:
             self.peer.send(reply)

@@ -16,7 +16,7 @@ import tornado.httpserver
 import tornado.testing
 import tornado.websocket
 
-from handlers import DEFAULT_HANDLER, ROUTES
+from handlers import DEFAULT_HANDLER, METRICS_ROUTES, ROUTES
 from watchout.app import make_app, server_options
 from watchout.auth import mint_token
 from watchout.services import Services, open_services
@@ -58,7 +58,7 @@ async def start_server(settings: Settings, store: Store | None = None) -> tuple[
     """Start the real app on an already-listening loopback socket; returns (server, closer)."""
     context = open_services(settings, store)
     services = await context.__aenter__()
-    app = make_app(services, ROUTES, DEFAULT_HANDLER)
+    app = make_app(services, ROUTES + METRICS_ROUTES, DEFAULT_HANDLER)
     http = tornado.httpserver.HTTPServer(app, **server_options(services))
     sock, port = tornado.testing.bind_unused_port()
     http.add_sockets([sock])

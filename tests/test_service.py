@@ -173,3 +173,19 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(server, 
         gc.set_debug(0)
         gc.garbage.clear()
     assert leaked == []
+
+
+async def test_metrics_port_serves_metrics_alone_and_the_main_port_stops_serving_them():
+    metrics_port = _free_port()
+    proc, port, lines = await _start_serve({"WATCHOUT_JWT_SECRET": "m" * 40,
+                                            "WATCHOUT_METRICS_PORT": str(metrics_port)})
+    try:
+        assert f"http://127.0.0.1:{metrics_port}/metrics" in "".join(lines)
+        http = tornado.httpclient.AsyncHTTPClient()
+        scraped = await http.fetch(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert b"watchout_connections" in scraped.body
+        assert (await http.fetch(f"http://127.0.0.1:{metrics_port}/health", raise_error=False)).code == 404
+        assert (await http.fetch(f"http://127.0.0.1:{port}/metrics", raise_error=False)).code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0

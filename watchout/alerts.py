@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from collections import OrderedDict
 from typing import Any
 
@@ -18,9 +20,10 @@ RECENT_IDS = 100_000
 
 
 class _Pending:
-    __slots__ = ("peer", "alert", "sender", "waiters", "result")
+    __slots__ = ("peer", "alert", "sender", "waiters", "result", "arrived")
 
     def __init__(self, peer: Peer, alert: Alert, sender: str) -> None:
+        self.arrived = time.perf_counter()
         self.peer = peer
         self.alert = alert
         self.sender = sender
@@ -37,9 +40,10 @@ class AlertIntake:
     yields the same alertId and seq and no second fan-out.
     """
 
-    def __init__(self, store: Store, hub: Hub) -> None:
+    def __init__(self, store: Store, hub: Hub, on_latency: Callable[[float], None] | None = None) -> None:
         self._store = store
         self._hub = hub
+        self._on_latency = on_latency  # seconds from arrival to fan-out, per alert
         self._queues: dict[str, list[_Pending]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._recent: OrderedDict[tuple[str, str, str], _Pending] = OrderedDict()
@@ -112,6 +116,8 @@ class AlertIntake:
             self.stored += 1
             self._acknowledge(p)
             self._hub.publish_alert(state, encode(alert_event(doc)), doc["seq"])
+            if self._on_latency is not None:
+                self._on_latency(time.perf_counter() - p.arrived)
 
     async def _settle_duplicate(self, p: _Pending) -> None:
         """Another node (or an earlier run) stored this client id: answer with that row, no fan-out."""

@@ -16,7 +16,8 @@ import orjson
 from watchout.auth import Principal, can_watch, check_watch
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StreamBusy
 from watchout.protocol import STREAM_ID_RE
-from watchout.queries import (STREAM_STATUSES, check_names, check_stream_id, decode_cursor, encode_cursor,
+from watchout.queries import (STREAM_STATUSES, check_names, check_stream_id, decode_cursor, encode_cursor, is_alert_id,
+                              is_seq, is_stream_id, is_time,
                               parse_alert_filter, parse_choice, parse_limit, parse_owner)
 from watchout.services import Services
 from watchout.views import ack_event, alert_resource, stream_resource
@@ -41,6 +42,13 @@ def _is_encodable(value: Any) -> bool:
     return True
 
 
+def _has_nul_key(value: Any) -> bool:
+    """Whether a key holds NUL ("a\\u0000b"): BSON field names cannot, so the store would raise."""
+    if isinstance(value, dict):
+        return any("\x00" in key or _has_nul_key(item) for key, item in value.items())
+    return isinstance(value, list) and any(_has_nul_key(item) for item in value)
+
+
 # ----------------------------------------------------------------------------- streams
 
 async def register_stream(services: Services, p: Principal, body: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +61,8 @@ async def register_stream(services: Services, p: Principal, body: dict[str, Any]
     if not _is_encodable(body):
         raise InvalidMessage("the body holds a lone surrogate, an integer past 2**53 or nesting past 254 levels",
                              code="invalid-field")
+    if _has_nul_key(body):
+        raise InvalidMessage("metadata keys may not contain NUL (\\u0000)", code="invalid-field")
     name = body.get("name")
     if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_NAME_CHARS:
         raise InvalidMessage(f"name must be a string of 1 to {MAX_NAME_CHARS} characters", code="invalid-field")
@@ -82,7 +92,7 @@ async def list_streams(services: Services, p: Principal, args: Args) -> dict[str
     if owner is not None and not p.is_admin:
         raise Forbidden("only admins may list other users' streams", code="forbidden")
     limit = parse_limit(args)
-    position = decode_cursor(args, "s", {"c": str, "i": str})
+    position = decode_cursor(args, "s", {"c": is_time, "i": is_stream_id})
     after = (position["c"], position["i"]) if position else None
     if p.role == "service":
         owner_filter, ids = None, _scope(p) if p.streams is not None else []
@@ -131,7 +141,7 @@ async def stream_alerts(services: Services, p: Principal, stream_id: str, args: 
     check_names(args, _ALERT_QUERY)
     doc = await _visible_stream(services, p, stream_id)
     flt, limit = parse_alert_filter(args), parse_limit(args)
-    position = decode_cursor(args, "sa", {"p": int, "s": int, "i": str})
+    position = decode_cursor(args, "sa", {"p": is_seq, "s": is_seq, "i": is_stream_id})
     if position is not None and position["i"] != stream_id:
         raise InvalidMessage("query parameter cursor: not a cursor of this stream", code="invalid-query")
     last_seq = position["p"] if position else int(doc.get("lastSeq", 0))
@@ -151,7 +161,7 @@ async def all_alerts(services: Services, p: Principal, args: Args) -> dict[str, 
     if owner is not None and not p.is_admin:
         raise Forbidden("only admins may read other users' alerts", code="forbidden")
     flt, limit = parse_alert_filter(args), parse_limit(args)
-    position = decode_cursor(args, "a", {"r": str, "i": str})
+    position = decode_cursor(args, "a", {"r": is_time, "i": is_alert_id})
     ids = _scope(p)
     if p.role == "service":
         owner_filter = None
@@ -183,10 +193,12 @@ async def _visible_alert(services: Services, p: Principal, alert_id: str) -> dic
 
 async def acknowledge(services: Services, p: Principal, alert_id: str) -> dict[str, Any]:
     """POST /api/alerts/{id}/ack: the first acknowledgement is kept; the stream's watchers hear of it."""
-    await _visible_alert(services, p, alert_id)
+    before = await _visible_alert(services, p, alert_id)
     doc = await services.store.acknowledge_alert(alert_id, p.sub)
     if doc is None:  # pragma: no cover - deleted between the two calls
         raise NotFound(f"alert {alert_id} not found")
+    if before.get("acknowledged") is None:
+        services.metrics.alerts_acknowledged.inc()
     state = services.hub.streams.get(doc["streamId"])
     if state is not None:
         services.hub.publish_to_watchers(state, ack_event(doc))

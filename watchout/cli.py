@@ -127,14 +127,16 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
     import tornado.httpserver
     import tornado.netutil
 
-    from handlers import DEFAULT_HANDLER, ROUTES
+    from handlers import DEFAULT_HANDLER, METRICS_ROUTES, ROUTES
     from watchout.app import make_app, server_options
     from watchout.services import open_services
 
     try:
         sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+        metrics_sockets = (tornado.netutil.bind_sockets(settings.metrics_port, settings.host)
+                           if settings.metrics_port else [])
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror)
+        log.error("cannot listen on %s:%s: %s", settings.host, exc.filename or settings.port, exc.strerror)
         return 1
     notifier = notifier or Notifier({})
     stop = asyncio.Event()
@@ -143,15 +145,21 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
         loop.add_signal_handler(sig, stop.set)
     try:
         async with open_services(settings) as services:
-            app = make_app(services, ROUTES, DEFAULT_HANDLER)
+            routes = ROUTES if settings.metrics_port else ROUTES + METRICS_ROUTES
+            app = make_app(services, routes, DEFAULT_HANDLER)
             server = tornado.httpserver.HTTPServer(app, **server_options(services))
             server.add_sockets(sockets)
+            admin = None
+            if metrics_sockets:  # /metrics alone on its own port, e.g. reachable only from the scraper
+                admin = tornado.httpserver.HTTPServer(make_app(services, METRICS_ROUTES, DEFAULT_HANDLER))
+                admin.add_sockets(metrics_sockets)
             # Everything alive now (modules, settings, the app) lives as long as the process: keep it
             # out of every later full collection, whose pauses would otherwise show up as latency.
             gc.collect()
             gc.freeze()
             port = sockets[0].getsockname()[1]
-            _announce(settings, port, admin_token)
+            _announce(settings, port, admin_token,
+                      metrics_sockets[0].getsockname()[1] if metrics_sockets else 0)
             status = f"listening on {settings.host}:{port}"
             if load is not None:
                 loop.add_signal_handler(signal.SIGHUP, _reload, services, load, notifier, status)
@@ -161,6 +169,8 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
             notifier.stopping("shutting down")
             log.info("shutting down: finishing pending alert writes, then closing connections with 1001")
             server.stop()
+            if admin is not None:
+                admin.stop()
             try:
                 await asyncio.wait_for(services.relay.drain(), settings.shutdown_timeout_s)
             except TimeoutError:
@@ -190,13 +200,14 @@ async def _wait_closed(peers: Mapping[str, object], timeout_s: float) -> None:
         await asyncio.sleep(0.02)
 
 
-def _announce(settings: Settings, port: int, admin_token: str | None) -> None:
+def _announce(settings: Settings, port: int, admin_token: str | None, metrics_port: int = 0) -> None:
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     base = f"{host}:{port}"
     log.info("listening on %s:%d", settings.host, port)
     lines = [f"Watchout {__version__} is running.",
              f"  WebSocket: ws://{base}/ws",
              f"  Health:    http://{base}/health",
+             f"  Metrics:   http://{host}:{metrics_port or port}/metrics",
              f"  Stats:     http://{base}/stats"]
     if admin_token:
         lines += ["  Admin token for this run (valid 24 h; a new key is generated at each start):",

@@ -18,7 +18,8 @@ MAX_REPLAY_BUFFER = 10_000
 class Peer:
     """One WebSocket connection as the core sees it."""
 
-    __slots__ = ("id", "principal", "outbox", "producing", "watching", "client_type", "writer", "__weakref__")
+    __slots__ = ("id", "principal", "outbox", "producing", "watching", "client_type", "writer", "closed_with",
+                 "__weakref__")
 
     def __init__(self, connection_id: str, writer: Writer, outbox: Outbox) -> None:
         self.id = connection_id
@@ -28,6 +29,7 @@ class Peer:
         self.producing: str | None = None
         self.watching: dict[str, Subscription] = {}
         self.client_type: str | None = None
+        self.closed_with: int | None = None  # the close code when the server closed it
 
     def send(self, message: dict[str, Any]) -> None:
         self.outbox.send(Outgoing(encode(message)))
@@ -35,6 +37,8 @@ class Peer:
     def close(self, code: int, reason: str) -> None:
         """Write what is queued (e.g. the error that explains the close), then close with `code`."""
         writer = self.writer
+        if self.closed_with is None:
+            self.closed_with = code
         self.outbox.flush()
         self.outbox.is_closed = True
         if writer is not None:
@@ -116,6 +120,9 @@ class Hub:
         self.streams: dict[str, StreamState] = {}
         self.frames_dropped_closed = 0  # drops counted on connections that have since closed
         self.frames_relayed_closed = 0
+        self.bytes_out_closed = 0
+        self.frames_in = 0
+        self.bytes_in = 0
 
     # ------------------------------------------------------------------ membership
     def add_peer(self, peer: Peer) -> None:
@@ -184,6 +191,7 @@ class Hub:
         self.peers.pop(peer.id, None)
         self.frames_dropped_closed += peer.outbox.frames_dropped
         self.frames_relayed_closed += peer.outbox.frames_sent
+        self.bytes_out_closed += peer.outbox.bytes_sent
         for stream_id in list(peer.watching):
             state = self.streams.get(stream_id)
             if state is not None:
@@ -208,6 +216,7 @@ class Hub:
     def publish_frame(self, state: StreamState, frame: Frame) -> None:
         """Send a frame to every video watcher in the form it asked for; never blocks."""
         state.count_frame(time.time())
+        self.frames_in += 1
         sid = state.stream_id
         dropped = 0
         if state.json_video:

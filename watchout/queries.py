@@ -9,7 +9,8 @@ import base64
 import binascii
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ from watchout.errors import InvalidMessage
 from watchout.protocol import SEVERITIES, STREAM_ID_RE
 
 STREAM_STATUSES = ("offline", "online", "streaming")
+MAX_SEQ = 2**53 - 1
+ALERT_ID_RE = re.compile(r"[0-9a-f]{24}")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
@@ -137,19 +140,45 @@ def encode_cursor(position: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(position, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
-def decode_cursor(args: Mapping[str, Sequence[str]], kind: str, fields: Mapping[str, type]) -> dict[str, Any] | None:
-    """The position in `cursor`, checked field by field; a cursor of another listing is refused."""
+def is_time(value: Any) -> bool:
+    """An ISO 8601 time with a zone, as cursors carry them."""
+    if not isinstance(value, str) or len(value) > 40:
+        return False
+    try:
+        return dt.datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def is_seq(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_SEQ
+
+
+def is_stream_id(value: Any) -> bool:
+    return isinstance(value, str) and STREAM_ID_RE.fullmatch(value) is not None
+
+
+def is_alert_id(value: Any) -> bool:
+    return isinstance(value, str) and ALERT_ID_RE.fullmatch(value) is not None
+
+
+def decode_cursor(args: Mapping[str, Sequence[str]], kind: str,
+                  fields: Mapping[str, Callable[[Any], bool]]) -> dict[str, Any] | None:
+    """The position in `cursor`, each field checked by value; a cursor of another listing is refused.
+
+    Cursors are opaque but not secret: a hand-made one is checked like any other input, so none of
+    its values reaches the store unless it is of the right kind and range.
+    """
     raw = single(args, "cursor")
     if raw is None:
         return None
     try:
         position = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise bad("cursor", "not a cursor this API gave out") from None
     if not isinstance(position, dict) or position.get("k") != kind:
         raise bad("cursor", "not a cursor of this listing")
-    for name, kind_type in fields.items():
-        value = position.get(name)
-        if not isinstance(value, kind_type) or isinstance(value, bool):
+    for name, valid in fields.items():
+        if not valid(position.get(name)):
             raise bad("cursor", "not a cursor this API gave out")
     return position

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from watchout.alerts import AlertIntake
 from watchout.auth import TokenVerifier
 from watchout.hub import Hub
+from watchout.metrics import Metrics
 from watchout.protocol import Limits
 from watchout.relay import Relay
 from watchout.settings import Settings
@@ -26,6 +27,7 @@ class Services:
     verifier: TokenVerifier
     relay: Relay
     limits: Limits
+    metrics: Metrics
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -46,10 +48,14 @@ class Services:
 def build_services(settings: Settings, store: Store) -> Services:
     """Wire the core around an open store (tests pass one store to several apps to simulate restarts)."""
     hub = Hub()
+    metrics = Metrics()
     verifier = TokenVerifier(settings)
-    relay = Relay(store, hub, verifier, AlertIntake(store, hub), replay_pace_bytes=settings.outbox_soft_bytes // 2)
+    intake = AlertIntake(store, hub, on_latency=metrics.alert_latency.observe)
+    relay = Relay(store, hub, verifier, intake, replay_pace_bytes=settings.outbox_soft_bytes // 2)
     limits = Limits(settings.max_control_message_bytes, settings.max_metadata_bytes, settings.max_snapshot_bytes)
-    return Services(settings, store, hub, verifier, relay, limits)
+    metrics.watch(hub, intake)
+    store.observer = metrics.observe_store
+    return Services(settings, store, hub, verifier, relay, limits, metrics)
 
 
 @asynccontextmanager

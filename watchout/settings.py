@@ -32,6 +32,7 @@ class Settings:
     log_level: str = "info"
     trusted_origins: tuple[str, ...] = ()
     idle_connection_timeout_s: float = 60.0
+    metrics_port: int = 0
     shutdown_timeout_s: float = 5.0
     # [auth]
     jwt_secret: str = field(default="", repr=False)
@@ -163,6 +164,8 @@ def validate(s: Settings) -> None:
     """Raise ConfigError for the first key whose value cannot work."""
     if not 0 <= s.port <= 65535:
         raise ConfigError("port", f"must be 0..65535, got {s.port}")
+    if not 0 <= s.metrics_port <= 65535 or (s.metrics_port and s.metrics_port == s.port):
+        raise ConfigError("metrics_port", "must be 0 (serve /metrics on port) or another port 1..65535")
     if s.log_format not in LOG_FORMATS:
         raise ConfigError("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
     if s.log_level not in LOG_LEVELS:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
-from typing import Any
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pymongo
 from bson import ObjectId
@@ -16,6 +19,30 @@ from watchout.settings import Settings
 
 log = logging.getLogger("watchout.store")
 ASC, DESC = pymongo.ASCENDING, pymongo.DESCENDING
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+Operation = Callable[Concatenate["Store", P], Coroutine[Any, Any, R]]
+
+
+def _measured(method: Operation[P, R]) -> Operation[P, R]:
+    """Report the operation's duration to the store's observer (the metrics), if it has one."""
+    name = method.__name__
+
+    async def measured(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        observer = self.observer
+        if observer is None:
+            return await method(self, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            observer(name, time.perf_counter() - started)
+    functools.update_wrapper(measured, method)
+    return measured
 
 
 def utcnow() -> dt.datetime:
@@ -37,6 +64,7 @@ class Store:
     def __init__(self, client: Any, db_name: str, *, is_embedded: bool) -> None:
         self._client = client
         self.is_embedded = is_embedded
+        self.observer: Callable[[str, float], None] | None = None  # (operation, seconds) after each call
         db = client[db_name]
         self._streams = db["streams"]
         self._alerts = db["alerts"]
@@ -79,6 +107,7 @@ class Store:
         self._client.close()
 
     # ------------------------------------------------------------------ streams
+    @_measured
     async def get_stream(self, stream_id: str) -> dict[str, Any] | None:
         try:
             doc = await self._streams.find_one({"_id": stream_id})
@@ -86,6 +115,7 @@ class Store:
             raise StoreUnavailable("could not read stream") from exc
         return _stream_out(doc) if doc else None
 
+    @_measured
     async def create_stream(self, stream_id: str, owner_id: str, name: str | None = None, *,
                             status: str = "offline", metadata: dict[str, Any] | None = None,
                             exclusive: bool = False) -> dict[str, Any] | None:
@@ -112,6 +142,7 @@ class Store:
             raise StoreUnavailable("could not create stream") from exc
         return _stream_out(doc)
 
+    @_measured
     async def list_streams(self, owner_id: str | None, status: str | None, limit: int,
                            after: tuple[str, str] | None = None, *, stream_ids: list[str] | None = None
                            ) -> list[dict[str, Any]]:
@@ -133,6 +164,7 @@ class Store:
         except PyMongoError as exc:
             raise StoreUnavailable("could not list streams") from exc
 
+    @_measured
     async def delete_stream(self, stream_id: str) -> bool:
         """Remove a stream with its alerts and snapshots; False if it did not exist."""
         try:
@@ -143,6 +175,7 @@ class Store:
             raise StoreUnavailable("could not delete stream") from exc
         return bool(result.deleted_count)
 
+    @_measured
     async def set_stream_status(self, stream_id: str, status: str, *, frame_at: dt.datetime | None = None) -> None:
         update: dict[str, Any] = {"status": status, "lastSeenAt": utcnow()}
         if frame_at is not None:
@@ -153,6 +186,7 @@ class Store:
             raise StoreUnavailable("could not update stream status") from exc
 
     # ------------------------------------------------------------------ alerts
+    @_measured
     async def reserve_seqs(self, stream_id: str, count: int) -> int:
         """Atomically take `count` sequence numbers; returns the first."""
         try:
@@ -165,6 +199,7 @@ class Store:
             raise StoreUnavailable(f"stream {stream_id} disappeared")
         return int(doc["alertSeq"]) - count + 1
 
+    @_measured
     async def insert_alerts(self, alerts: list[dict[str, Any]]) -> set[str]:
         """Store alerts (each with `alertId`); returns the clientIds that were already stored."""
         docs = [_alert_in(a) for a in alerts]
@@ -180,6 +215,7 @@ class Store:
             raise StoreUnavailable("could not store alerts") from exc
         return set()
 
+    @_measured
     async def mark_stored(self, stream_id: str, seq: int) -> None:
         """Every alert of the stream up to `seq` is stored: history may now show them."""
         try:
@@ -187,6 +223,7 @@ class Store:
         except PyMongoError as exc:
             raise StoreUnavailable("could not update the stream's last alert number") from exc
 
+    @_measured
     async def stream_history(self, stream_id: str, max_seq: int, flt: AlertFilter, limit: int,
                              before_seq: int | None = None) -> list[dict[str, Any]]:
         """One stream's alerts with seq <= max_seq (and < before_seq), newest first."""
@@ -196,6 +233,7 @@ class Store:
         query["seq"] = {"$lte": bound, **({"$gt": flt.after_seq} if flt.after_seq is not None else {})}
         return await self._find_alerts(query, [("seq", DESC)], limit)
 
+    @_measured
     async def alert_history(self, stream_ids: list[str] | None, owner_id: str | None, flt: AlertFilter,
                             limit: int, before: tuple[str, str] | None = None) -> list[dict[str, Any]]:
         """Alerts across streams, newest received first. `before` is (receivedAt ISO, alertId)."""
@@ -211,6 +249,7 @@ class Store:
             query["$or"] = [{"receivedAt": {"$lt": received}}, {"receivedAt": received, "_id": {"$lt": alert_id}}]
         return await self._find_alerts(query, [("receivedAt", DESC), ("_id", DESC)], limit)
 
+    @_measured
     async def replay(self, stream_id: str, after_seq: int, limit: int) -> list[dict[str, Any]]:
         """Stored alerts of a stream with seq > after_seq, oldest first."""
         return await self._find_alerts({"streamId": stream_id, "seq": {"$gt": after_seq}}, [("seq", ASC)], limit)
@@ -223,6 +262,7 @@ class Store:
         except PyMongoError as exc:
             raise StoreUnavailable("could not read alerts") from exc
 
+    @_measured
     async def get_alert(self, alert_id: str) -> dict[str, Any] | None:
         if not ObjectId.is_valid(alert_id):
             return None
@@ -232,6 +272,7 @@ class Store:
             raise StoreUnavailable("could not read alert") from exc
         return _alert_out(doc) if doc else None
 
+    @_measured
     async def acknowledge_alert(self, alert_id: str, by: str) -> dict[str, Any] | None:
         """Record who acknowledged the alert and when; the first acknowledgement stays. None if missing."""
         if not ObjectId.is_valid(alert_id):
@@ -245,6 +286,7 @@ class Store:
             raise StoreUnavailable("could not acknowledge alert") from exc
         return _alert_out(doc) if doc else await self.get_alert(alert_id)
 
+    @_measured
     async def find_alert_by_client_id(self, stream_id: str, sender_id: str, client_id: str) -> dict[str, Any] | None:
         try:
             doc = await self._alerts.find_one({"streamId": stream_id, "senderId": sender_id, "clientId": client_id})
@@ -258,6 +300,7 @@ class Store:
         except PyMongoError as exc:
             raise StoreUnavailable("could not count alerts") from exc
 
+    @_measured
     async def save_snapshot(self, alert_id: str, stream_id: str, jpeg: bytes) -> None:
         try:
             await self._snapshots.insert_one({"_id": alert_id, "streamId": stream_id, "jpeg": jpeg,
@@ -265,6 +308,7 @@ class Store:
         except PyMongoError as exc:
             raise StoreUnavailable("could not store snapshot") from exc
 
+    @_measured
     async def get_snapshot(self, alert_id: str) -> tuple[str, bytes] | None:
         """(streamId, JPEG bytes) of an alert's snapshot, None when it has none."""
         try:

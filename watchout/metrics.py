@@ -1,0 +1,92 @@
+"""Prometheus metrics: live figures read from the hub at scrape time, plus a few event counters.
+
+Counting on the hot path stays plain integer arithmetic in the hub and outboxes; this module turns
+those figures into metric families only when /metrics is scraped. Each Services has its own registry.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from watchout.hub import Hub
+    from watchout.alerts import AlertIntake
+
+ROLES = ("mobile", "dashboard", "ml-service", "unauthenticated")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """The metric objects of one service instance."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.auth_failures = Counter("watchout_auth_failures", "Refused tokens and authentication timeouts",
+                                     ["reason"], registry=self.registry)
+        self.closes = Counter("watchout_connections_closed", "Closed WebSocket connections by close code",
+                              ["code"], registry=self.registry)
+        self.alerts_acknowledged = Counter("watchout_alerts_acknowledged", "Alerts acknowledged by operators",
+                                           registry=self.registry)
+        self.alert_latency = Histogram("watchout_alert_latency_seconds",
+                                       "From an alert's arrival to its fan-out (stored and acknowledged first)",
+                                       buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.store_latency = Histogram("watchout_store_latency_seconds", "Database operations by operation",
+                                       ["operation"], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def watch(self, hub: Hub, intake: AlertIntake) -> None:
+        """Expose the hub's and the alert intake's live figures."""
+        self.registry.register(_HubCollector(hub, intake))
+
+    def observe_store(self, operation: str, seconds: float) -> None:
+        self.store_latency.labels(operation).observe(seconds)
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition in the format the scraper asked for (OpenMetrics or the text format)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+class _HubCollector(Collector):
+    def __init__(self, hub: Hub, intake: AlertIntake) -> None:
+        self._hub = hub
+        self._intake = intake
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        hub = self._hub
+        by_role = dict.fromkeys(ROLES, 0)
+        for peer in hub.peers.values():
+            role = peer.client_type if peer.principal is not None and peer.client_type else "unauthenticated"
+            by_role[role] = by_role.get(role, 0) + 1
+        connections = GaugeMetricFamily("watchout_connections", "Open WebSocket connections by role",
+                                        labels=["role"])
+        for role, count in by_role.items():
+            connections.add_metric([role], count)
+        yield connections
+        streams = GaugeMetricFamily("watchout_streams", "Streams live on this node by status", labels=["status"])
+        counts = {"online": 0, "streaming": 0}
+        for state in hub.streams.values():
+            if state.producer is not None and state.status in counts:
+                counts[state.status] += 1
+        for status, count in counts.items():
+            streams.add_metric([status], count)
+        yield streams
+        figures = hub.figures()
+        yield CounterMetricFamily("watchout_frames_received", "Video frames received from producers",
+                                  value=hub.frames_in)
+        yield CounterMetricFamily("watchout_frames_sent", "Video frames written to consumers",
+                                  value=figures["framesRelayed"])
+        yield CounterMetricFamily("watchout_frames_dropped", "Video frames dropped for slow consumers",
+                                  value=figures["framesDropped"])
+        yield CounterMetricFamily("watchout_received_bytes", "WebSocket message bytes received", value=hub.bytes_in)
+        yield CounterMetricFamily("watchout_sent_bytes", "WebSocket message bytes queued to consumers",
+                                  value=hub.bytes_out_closed + sum(p.outbox.bytes_sent for p in hub.peers.values()))
+        yield CounterMetricFamily("watchout_alerts_stored", "Alerts stored (and fanned out)",
+                                  value=self._intake.stored)
+        yield GaugeMetricFamily("watchout_scrape_timestamp_seconds", "When these figures were read",
+                                value=time.time())
