@@ -20,11 +20,28 @@ class UnsupportedMediaType(WatchoutError):
     close_code = None
 
 
+@tornado.web.stream_request_body
 class ApiHandler(tornado.web.RequestHandler):
+    """Bodies are read as they arrive, so an oversized one gets 413 before it is read (a body past the
+    server's max_body_size would otherwise get Tornado's bare 400 and a closed connection)."""
+
     services: Services
 
     def initialize(self, services: Services) -> None:
         self.services = services
+        self._body = bytearray()
+        self._body_too_large = False
+
+    def prepare(self) -> None:
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise TooLarge(f"the body may be at most {MAX_BODY_BYTES} bytes", code="too-large")
+
+    def data_received(self, chunk: bytes) -> None:
+        if len(self._body) + len(chunk) > MAX_BODY_BYTES:
+            self._body_too_large = True  # keep reading, keep nothing; json_body() answers 413
+            return
+        self._body += chunk
 
     def principal(self) -> Principal:
         """The caller's verified identity; raises Unauthenticated (401) without a valid bearer token."""
@@ -39,14 +56,14 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def json_body(self, *, optional: bool = False) -> dict[str, Any]:
         """The request's JSON object: 415 for another media type, 413 past 64 KiB, 400 when invalid."""
-        body = self.request.body
+        if self._body_too_large:
+            raise TooLarge(f"the body may be at most {MAX_BODY_BYTES} bytes", code="too-large")
+        body = bytes(self._body)
         if not body and optional:
             return {}
         media_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if media_type != "application/json":
             raise UnsupportedMediaType("send the body as application/json")
-        if len(body) > MAX_BODY_BYTES:
-            raise TooLarge(f"the body may be at most {MAX_BODY_BYTES} bytes", code="too-large")
         try:
             return loads_object(body)
         except InvalidMessage as exc:

@@ -133,3 +133,19 @@ async def test_history_filters_by_severity_time_and_after_seq(server, ws_connect
     rest = await api("GET", f"/api/alerts?limit=2&cursor={everything.json['nextCursor']}", token=alice)
     seen = [i["seq"] for i in everything.json["items"] + rest.json["items"]]
     assert len(seen) == 4 and len(set(seen)) == 4
+
+
+async def test_bodies_far_over_the_limit_get_413_json_before_they_are_read(server, token, api):
+    huge = b'{"name": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+    response = await api("POST", "/api/streams", token=token("alice"), body=huge)
+    assert response.status == 413 and response.json["error"]["code"] == "too-large"
+    assert (await api("GET", "/api/streams", token=token("alice"))).json["items"] == []
+
+
+async def test_alert_metadata_keys_mongodb_refuses_are_invalid_not_retryable(server, ws_connect, token):
+    await producer(ws_connect, token, STREAM)
+    ml = await _ml(ws_connect, token)
+    for metadata in ({"a\u0000b": 1}, {"$where": "1"}, {"box": [{"$x": 1}]}):
+        await ml.send(alert_message(STREAM, metadata=metadata, id="k"))
+        assert (await ml.recv_type("error"))["code"] == "invalid-field"
+    assert await server.services.store.count_alerts(STREAM) == 0

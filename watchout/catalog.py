@@ -15,7 +15,7 @@ import orjson
 
 from watchout.auth import Principal, can_watch, check_watch
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StreamBusy
-from watchout.protocol import STREAM_ID_RE
+from watchout.protocol import STREAM_ID_RE, has_unstorable_key
 from watchout.queries import (STREAM_STATUSES, check_names, check_stream_id, decode_cursor, encode_cursor, is_alert_id,
                               is_seq, is_stream_id, is_time,
                               parse_alert_filter, parse_choice, parse_limit, parse_owner)
@@ -42,13 +42,6 @@ def _is_encodable(value: Any) -> bool:
     return True
 
 
-def _has_nul_key(value: Any) -> bool:
-    """Whether a key holds NUL ("a\\u0000b"): BSON field names cannot, so the store would raise."""
-    if isinstance(value, dict):
-        return any("\x00" in key or _has_nul_key(item) for key, item in value.items())
-    return isinstance(value, list) and any(_has_nul_key(item) for item in value)
-
-
 # ----------------------------------------------------------------------------- streams
 
 async def register_stream(services: Services, p: Principal, body: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +54,8 @@ async def register_stream(services: Services, p: Principal, body: dict[str, Any]
     if not _is_encodable(body):
         raise InvalidMessage("the body holds a lone surrogate, an integer past 2**53 or nesting past 254 levels",
                              code="invalid-field")
-    if _has_nul_key(body):
-        raise InvalidMessage("metadata keys may not contain NUL (\\u0000)", code="invalid-field")
+    if has_unstorable_key(body):
+        raise InvalidMessage("metadata keys may not contain NUL (\\u0000) or start with $", code="invalid-field")
     name = body.get("name")
     if not isinstance(name, str) or not 0 < len(name.strip()) <= MAX_NAME_CHARS:
         raise InvalidMessage(f"name must be a string of 1 to {MAX_NAME_CHARS} characters", code="invalid-field")

@@ -148,6 +148,14 @@ def _is_text(value: Any, max_chars: int) -> TypeGuard[str]:
     return True
 
 
+def has_unstorable_key(value: Any) -> bool:
+    """Whether a key holds NUL or starts with "$": MongoDB refuses such field names, so a retry could
+    never succeed; they are refused as invalid input instead."""
+    if isinstance(value, dict):
+        return any("\x00" in key or key.startswith("$") or has_unstorable_key(item) for key, item in value.items())
+    return isinstance(value, list) and any(has_unstorable_key(item) for item in value)
+
+
 def _depth(value: Any, level: int = 1) -> int:
     """Nesting depth, counted only up to MAX_NESTING + 1 so the recursion stays shallow."""
     if level > MAX_NESTING:
@@ -331,6 +339,8 @@ def _alert(obj: dict[str, Any], limits: Limits) -> Alert:
         metadata = {}
     if not isinstance(metadata, dict):
         raise InvalidMessage("metadata must be an object", code="invalid-field")
+    if has_unstorable_key(metadata):
+        raise InvalidMessage("metadata keys may not contain NUL (\\u0000) or start with $", code="invalid-field")
     if _depth(metadata) > MAX_NESTING:
         raise InvalidMessage(f"metadata nests deeper than {MAX_NESTING} levels", code="too-deep")
     try:
