@@ -1,6 +1,8 @@
 """ApiHandler: services, optional bearer authentication, and errors as {"error": {"code", "message"}}."""
 from __future__ import annotations
 
+import logging
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -11,6 +13,7 @@ from watchout.errors import InvalidMessage, StoreUnavailable, TooLarge, Unauthen
 from watchout.protocol import loads_object
 from watchout.services import Services
 
+log = logging.getLogger("watchout.api")
 MAX_BODY_BYTES = 64 * 1024
 
 
@@ -26,6 +29,7 @@ class ApiHandler(tornado.web.RequestHandler):
     server's max_body_size would otherwise get Tornado's bare 400 and a closed connection)."""
 
     services: Services
+    _log_user: str | None = None  # the verified caller, for log lines
 
     def initialize(self, services: Services) -> None:
         self.services = services
@@ -49,10 +53,12 @@ class ApiHandler(tornado.web.RequestHandler):
         try:
             if token is None:
                 raise Unauthenticated("send Authorization: Bearer <token>", code="token-missing")
-            return self.services.verifier.verify(token)
+            principal = self.services.verifier.verify(token)
         except Unauthenticated as exc:
             self.services.metrics.auth_failures.labels(exc.code).inc()
             raise
+        self._log_user = principal.sub
+        return principal
 
     def json_body(self, *, optional: bool = False) -> dict[str, Any]:
         """The request's JSON object: 415 for another media type, 413 past 64 KiB, 400 when invalid."""
@@ -81,7 +87,9 @@ class ApiHandler(tornado.web.RequestHandler):
     def optional_principal(self) -> Principal | None:
         """The caller's verified identity, None without a token; a bad token raises Unauthenticated."""
         token = self.bearer_token()
-        return self.services.verifier.verify(token) if token else None
+        principal = self.services.verifier.verify(token) if token else None
+        self._log_user = principal.sub if principal is not None else None
+        return principal
 
     def write_json(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -106,6 +114,15 @@ class ApiHandler(tornado.web.RequestHandler):
             self.send_error(e.http_status, exc_info=(type(e), e, e.__traceback__))
             return
         super()._handle_request_exception(e)
+
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
+        """An unexpected exception: one record with its traceback (Tornado's own adds a line with the request)."""
+        if isinstance(value, tornado.web.HTTPError) or value is None:
+            super().log_exception(typ, value, tb)
+            return
+        extra = {"user": self._log_user} if self._log_user is not None else {}
+        log.error("unexpected error: %s", self._request_summary(), exc_info=value, extra=extra)
 
 
 class NotFoundHandler(ApiHandler):

@@ -7,12 +7,14 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable
+from types import TracebackType
 from typing import Any
 
 import tornado.iostream
+import tornado.web
 import tornado.websocket
 
-from watchout.errors import AuthTimeout, RateLimited, StoreUnavailable, Unauthenticated, WatchoutError
+from watchout.errors import AuthTimeout, RateLimited, SlowConsumer, StoreUnavailable, Unauthenticated, WatchoutError
 from watchout.hub import Peer
 from watchout.outbox import Outbox
 from watchout.protocol import (Alert, Auth, Message, Ping, Register, Subscribe, Unsubscribe, VideoFrame,
@@ -22,6 +24,8 @@ from watchout.services import Services
 log = logging.getLogger("watchout.socket")
 CLOSE_GOING_AWAY, CLOSE_POLICY = 1001, 1008
 BAD_MESSAGE_WINDOW_S = 60.0
+# closes worth an operator's attention; the others are part of normal operation
+WARNING_CLOSES = frozenset({1011, SlowConsumer.close_code})
 
 
 class RelaySocket(tornado.websocket.WebSocketHandler):
@@ -41,6 +45,9 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         self._limited_since = 0.0
         self._limited_replied = 0.0
         self._refused_at = 0.0
+        self._opened = time.monotonic()
+        self._stream: str | None = None  # the stream of the last register/subscribe, for log lines
+        self._close_cause: str | None = None  # why the server closed it, for the close log line
 
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.services.settings.ws_compression else None
@@ -71,6 +78,13 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
             return None
 
     def close_with(self, code: int, reason: str) -> None:
+        """Close from the server's side (Peer.close, or the outbox giving up on a slow consumer)."""
+        if self._close_cause is None:
+            self._close_cause = reason
+            if code == SlowConsumer.close_code:
+                self._close_cause += f" ({self.peer.outbox.inflight} bytes unflushed)"
+        if self.peer.closed_with is None:
+            self.peer.closed_with = code
         self.close(code, reason.encode()[:123].decode(errors="ignore"))
 
     # ------------------------------------------------------------------ lifecycle
@@ -80,6 +94,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         outbox = Outbox(self, self.services.hub.flusher, s.outbox_soft_bytes, s.outbox_hard_bytes)
         self.peer = Peer(secrets.token_hex(8), self, outbox)
         self.services.hub.add_peer(self.peer)
+        log.debug("connection opened", extra={"conn": self.peer.id})
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
@@ -99,9 +114,44 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         if peer is not None:
             code = peer.closed_with or self.close_code or 1006  # 1006: dropped without a close frame
             self.services.metrics.closes.labels(str(code)).inc()
+            self._log_close(code)
             peer.outbox.is_closed = True
             self.services.relay.disconnect(peer)
             peer.detach()
+
+    def _log_close(self, code: int) -> None:
+        """One line per connection: its close code, why, and how long it lasted."""
+        if self._close_cause is not None:
+            cause = self._close_cause
+        else:
+            cause = "without a close code" if code == 1006 else "by the client"
+        log.log(logging.WARNING if code in WARNING_CLOSES else logging.INFO,
+                "connection closed: %d %s after %.1f s", code, cause, time.monotonic() - self._opened,
+                extra=self._log_context())
+
+    def _log_context(self, stream: str | None = None) -> dict[str, str]:
+        """conn, and user and stream when known: the stream produced, else the one watched, else the
+        last one asked for (a refused register or subscribe, a producer replaced)."""
+        peer = self.peer
+        context = {"conn": peer.id}
+        if peer.principal is not None:
+            context["user"] = peer.principal.sub
+        if stream is None:
+            watching = peer.watching
+            stream = peer.producing or (next(iter(watching)) if len(watching) == 1 else None)
+            if stream is None and not watching:
+                stream = self._stream
+        if stream is not None:
+            context["stream"] = stream
+        return context
+
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
+        """An exception Tornado caught around open/on_close: one record, with the connection's context."""
+        if getattr(self, "peer", None) is None or isinstance(value, tornado.web.HTTPError):
+            super().log_exception(typ, value, tb)
+            return
+        log.error("unexpected error on the connection", exc_info=value, extra=self._log_context())
 
     def _auth_timed_out(self) -> None:
         if self.peer.principal is None:
@@ -130,9 +180,13 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         self._fail(Unauthenticated("token expired; send auth with a fresh token before it does",
                                    code="token-expired"), None)
 
+    def on_pong(self, data: bytes) -> None:
+        self.peer.last_heard = time.monotonic()  # alive: the offline job goes by this
+
     # ------------------------------------------------------------------ messages
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         msg: Message | None = None
+        self.peer.last_heard = time.monotonic()
         self.services.hub.bytes_in += len(message)
         try:
             if not self._within_rate():
@@ -148,6 +202,8 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
             if self.peer.principal is None and not isinstance(msg, (Register, Subscribe, Auth)):
                 raise Unauthenticated("authenticate first: register, subscribe or auth with a token",
                                       code="token-missing")
+            if isinstance(msg, (Register, Subscribe)):
+                self._stream = msg.stream_id
             if isinstance(msg, Register):
                 return self._guarded(relay.register(self.peer, msg), msg.ref, authenticates=True)
             if isinstance(msg, Subscribe):
@@ -162,7 +218,8 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         except WatchoutError as exc:
             self._fail(exc, getattr(msg, "ref", None))
         except Exception:
-            log.exception("unexpected error handling a message", extra={"conn": self.peer.id})
+            log.exception("unexpected error handling a message",
+                          extra=self._log_context(getattr(msg, "stream_id", None)))
             self._fail(WatchoutError(), getattr(msg, "ref", None))
         return None
 
@@ -172,7 +229,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         except WatchoutError as exc:
             self._fail(exc, ref)
         except Exception:
-            log.exception("unexpected error handling a message", extra={"conn": self.peer.id})
+            log.exception("unexpected error handling a message", extra=self._log_context())
             self._fail(WatchoutError(), ref)
         finally:
             if authenticates:
@@ -218,7 +275,8 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
                 self.peer.outbox.flush()
                 self.peer.close(CLOSE_POLICY, "too many invalid messages")
             return
-        log.info("closing connection: %s (%s)", exc.code, exc.close_code, extra={"conn": self.peer.id})
+        if self._close_cause is None:
+            self._close_cause = exc.code  # logged, with the close code, when the connection has closed
         self.peer.send(reply)
         self.peer.close(exc.close_code, exc.message)
 

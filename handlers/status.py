@@ -19,6 +19,8 @@ class FiguresHandler(ApiHandler):
         else:
             figures["activeStreamCount"] = len(figures["activeStreams"])
             figures["alertsStored"] = self.services.intake.stored
+            if self.services.jobs.jobs:  # the scheduled jobs of this node, when it runs them
+                figures["jobs"] = self.services.jobs.view()
         return figures
 
 

@@ -82,10 +82,10 @@ class AlertIntake:
                 try:
                     await self._store_batch(state, batch)
                 except StoreUnavailable as exc:
-                    log.error("alerts for stream %s not stored: %s", sid, exc.message)
+                    log.error("%d alerts not stored: %s", len(batch), exc.message, extra={"stream": sid})
                     self._fail(batch, exc)
                 except Exception:
-                    log.exception("alerts for stream %s not stored", sid)
+                    log.exception("%d alerts not stored", len(batch), extra={"stream": sid})
                     self._fail(batch, StoreUnavailable("could not store alert"))
         finally:
             del self._tasks[sid]

@@ -1,4 +1,5 @@
-"""The `watchout` command: serve and token. The composition root: the one core module importing handlers."""
+"""The `watchout` command: serve, token, cleanup, report, jobs. The composition root: the one core module
+importing handlers and workers."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--streams", help="comma-separated stream ids, or * for all")
     token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d (default 1h)")
     token.add_argument("--private-key", help="PEM private key, when the service verifies with a public key")
+    cleanup = commands.add_parser("cleanup", help="run the prune jobs now and print what they removed")
+    cleanup.add_argument("--config", help="TOML file (default: $WATCHOUT_CONFIG)")
+    cleanup.add_argument("--dry-run", action="store_true", help="print what would be removed; change nothing")
+    report = commands.add_parser("report", help="print the report of a period (alerts, time online, frames)")
+    report.add_argument("--config", help="TOML file (default: $WATCHOUT_CONFIG)")
+    report.add_argument("--since", help="the period up to now: 90m, 24h, 7d (default 24h)")
+    report.add_argument("--from", dest="start", help="start of the period: ISO date or time, UTC unless it says")
+    report.add_argument("--to", dest="end", help="end of the period (default now; needs --from)")
+    report.add_argument("--stream", help="only this stream")
+    report.add_argument("--owner", help="only this owner's streams")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    jobs = commands.add_parser("jobs", help="list the scheduled jobs, their next and last runs")
+    jobs.add_argument("--config", help="TOML file (default: $WATCHOUT_CONFIG)")
     return parser
 
 
@@ -77,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "token":
         return _token(settings, args)
+    if args.command in ("cleanup", "report", "jobs"):
+        from workers.commands import run_command
+        return run_command(settings, args)
     return _serve(settings, lambda: load_settings(args.config, os.environ, overrides))
 
 
@@ -130,6 +147,7 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
     from handlers import DEFAULT_HANDLER, METRICS_ROUTES, ROUTES
     from watchout.app import make_app, server_options
     from watchout.services import open_services
+    from workers.scheduler import JobScheduler
 
     try:
         sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
@@ -163,6 +181,8 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
             status = f"listening on {settings.host}:{port}"
             if load is not None:
                 loop.add_signal_handler(signal.SIGHUP, _reload, services, load, notifier, status)
+            jobs = JobScheduler(services)
+            jobs.start()
             notifier.ready(status)
             keep_alive = asyncio.create_task(notifier.keep_alive())
             await stop.wait()
@@ -171,13 +191,16 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
             server.stop()
             if admin is not None:
                 admin.stop()
+            stopping_jobs = asyncio.create_task(jobs.stop(settings.shutdown_timeout_s))  # alongside the drain
             try:
                 await asyncio.wait_for(services.relay.drain(), settings.shutdown_timeout_s)
             except TimeoutError:
                 log.error("pending writes did not finish within %.1f s", settings.shutdown_timeout_s)
+            await stopping_jobs
             for peer in list(services.hub.peers.values()):
                 peer.close(1001, "server shutting down")
             await _wait_closed(services.hub.peers, settings.shutdown_timeout_s)
+            await jobs.save_figures()
             keep_alive.cancel()
     except StoreUnavailable as exc:
         log.error("store unavailable: %s", exc.message)

@@ -19,7 +19,7 @@ class Peer:
     """One WebSocket connection as the core sees it."""
 
     __slots__ = ("id", "principal", "outbox", "producing", "watching", "client_type", "writer", "closed_with",
-                 "__weakref__")
+                 "last_heard", "__weakref__")
 
     def __init__(self, connection_id: str, writer: Writer, outbox: Outbox) -> None:
         self.id = connection_id
@@ -30,6 +30,7 @@ class Peer:
         self.watching: dict[str, Subscription] = {}
         self.client_type: str | None = None
         self.closed_with: int | None = None  # the close code when the server closed it
+        self.last_heard = time.monotonic()  # the last message or pong from it (set by the socket)
 
     def send(self, message: dict[str, Any]) -> None:
         self.outbox.send(Outgoing(encode(message)))
@@ -66,7 +67,7 @@ class StreamState:
 
     __slots__ = ("stream_id", "owner_id", "producer", "json_video", "binary_video", "alert_watchers",
                  "watchers", "replaying", "status", "frames_in", "frames_relayed", "frames_dropped",
-                 "last_frame_at", "producer_since", "_rate_start", "_rate_count", "fps")
+                 "last_frame_at", "producer_since", "_rate_start", "_rate_count", "fps", "tallied", "online_since")
 
     def __init__(self, stream_id: str, owner_id: str) -> None:
         self.stream_id = stream_id
@@ -87,6 +88,8 @@ class StreamState:
         self._rate_start = 0.0
         self._rate_count = 0
         self.fps = 0.0  # frames per second over the last complete 2 s window
+        self.tallied = (0, 0, 0)  # frames_in, frames_relayed, frames_dropped already handed to take_tallies()
+        self.online_since = 0.0  # wall time from which the producer's online time is not tallied yet; 0: none
 
     def count_frame(self, now: float) -> None:
         self.frames_in += 1
@@ -111,6 +114,22 @@ class StreamState:
         yield from self.watchers
 
 
+class Tally:
+    """A stream's figures since the last take_tallies(): frames and the spans (wall-time seconds) it was online."""
+
+    __slots__ = ("stream_id", "owner_id", "frames_in", "frames_relayed", "frames_dropped", "online")
+
+    def __init__(self, stream_id: str, owner_id: str) -> None:
+        self.stream_id = stream_id
+        self.owner_id = owner_id
+        self.frames_in = self.frames_relayed = self.frames_dropped = 0
+        self.online: list[tuple[float, float]] = []
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.frames_in or self.frames_relayed or self.frames_dropped or self.online)
+
+
 class Hub:
     """All local peers and stream states of this node."""
 
@@ -123,6 +142,7 @@ class Hub:
         self.bytes_out_closed = 0
         self.frames_in = 0
         self.bytes_in = 0
+        self.untallied: dict[str, Tally] = {}  # figures of producers and streams gone since the last tally
 
     # ------------------------------------------------------------------ membership
     def add_peer(self, peer: Peer) -> None:
@@ -142,6 +162,8 @@ class Hub:
             state.alert_watchers.pop(previous, None)
         state.producer = peer
         state.producer_since = time.time()
+        if not state.online_since:
+            state.online_since = state.producer_since
         peer.producing = state.stream_id
         if wants_alerts:
             state.alert_watchers[peer] = None
@@ -203,14 +225,67 @@ class Hub:
                 state.producer = None
                 state.alert_watchers.pop(peer, None)
                 state.status = STATUS_OFFLINE
+                self._tally_offline(state)
                 orphaned = state
                 self._forget_if_idle(state)
             peer.producing = None
         return orphaned
 
+    def release_producer(self, state: StreamState) -> Peer | None:
+        """Detach the stream's producer, which stays connected until closed, and send `status: offline`
+        to the watchers; returns the producer, if there was one. Its later disconnect changes nothing."""
+        peer = state.producer
+        if peer is None:
+            return None
+        state.producer = None
+        peer.producing = None
+        state.alert_watchers.pop(peer, None)
+        self._tally_offline(state)
+        self.publish_status(state, STATUS_OFFLINE)
+        self._forget_if_idle(state)
+        return peer
+
     def _forget_if_idle(self, state: StreamState) -> None:
         if state.is_idle and self.streams.get(state.stream_id) is state:
             del self.streams[state.stream_id]
+            if (state.frames_in, state.frames_relayed, state.frames_dropped) != state.tallied:
+                self._tally_frames(state, self._untallied(state))
+
+    # ------------------------------------------------------------------ tallies (jobs save them)
+    def take_tallies(self, now: float) -> list[Tally]:
+        """Frames and online time (up to `now`, wall time) of every stream since the last call."""
+        tallies = self.untallied
+        self.untallied = {}
+        for state in self.streams.values():
+            tally = tallies.get(state.stream_id) or Tally(state.stream_id, state.owner_id)
+            self._tally_frames(state, tally)
+            if state.online_since and now > state.online_since:
+                tally.online.append((state.online_since, now))
+                state.online_since = now
+            if not tally.is_empty:
+                tallies[state.stream_id] = tally
+        return [t for t in tallies.values() if not t.is_empty]
+
+    def _untallied(self, state: StreamState) -> Tally:
+        tally = self.untallied.get(state.stream_id)
+        if tally is None:
+            tally = self.untallied[state.stream_id] = Tally(state.stream_id, state.owner_id)
+        return tally
+
+    def _tally_offline(self, state: StreamState) -> None:
+        if state.online_since:
+            now = time.time()
+            if now > state.online_since:
+                self._untallied(state).online.append((state.online_since, now))
+            state.online_since = 0.0
+
+    @staticmethod
+    def _tally_frames(state: StreamState, tally: Tally) -> None:
+        frames_in, relayed, dropped = state.tallied
+        tally.frames_in += state.frames_in - frames_in
+        tally.frames_relayed += state.frames_relayed - relayed
+        tally.frames_dropped += state.frames_dropped - dropped
+        state.tallied = (state.frames_in, state.frames_relayed, state.frames_dropped)
 
     # ------------------------------------------------------------------ fan-out
     def publish_frame(self, state: StreamState, frame: Frame) -> None:

@@ -40,10 +40,13 @@ class RedactingFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record (line breaks in it are escaped); only a traceback continues on more lines."""
+
     def format(self, record: logging.LogRecord) -> str:
         context = " ".join(f"{k}={getattr(record, k)}" for k in CONTEXT_FIELDS if hasattr(record, k))
         line = f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} {record.levelname:<7} {record.name}: " \
                f"{record.getMessage()}{' ' + context if context else ''}"
+        line = line.replace("\r", "\\r").replace("\n", "\\n")
         if record.exc_text:
             line += "\n" + record.exc_text
         return line

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 ROLES = ("mobile", "dashboard", "ml-service", "unauthenticated")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+JOB_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
 
 
 class Metrics:
@@ -38,10 +39,24 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
         self.store_latency = Histogram("watchout_store_latency_seconds", "Database operations by operation",
                                        ["operation"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.job_runs = Counter("watchout_job_runs", "Scheduled job runs by job and result (ok, failed, cancelled, "
+                                "lease-lost, skipped: another node ran it)", ["job", "result"], registry=self.registry)
+        self.job_failures = Counter("watchout_job_failures", "Scheduled job runs that raised", ["job"],
+                                    registry=self.registry)
+        self.job_duration = Histogram("watchout_job_duration_seconds", "Duration of scheduled job runs", ["job"],
+                                      buckets=JOB_BUCKETS, registry=self.registry)
 
     def watch(self, hub: Hub, intake: AlertIntake) -> None:
         """Expose the hub's and the alert intake's live figures."""
         self.registry.register(_HubCollector(hub, intake))
+
+    def observe_job(self, job: str, result: str, seconds: float | None) -> None:
+        """A job run's result; its duration unless it did not run here (skipped)."""
+        self.job_runs.labels(job, result).inc()
+        if result == "failed":
+            self.job_failures.labels(job).inc()
+        if seconds is not None:
+            self.job_duration.labels(job).observe(seconds)
 
     def observe_store(self, operation: str, seconds: float) -> None:
         self.store_latency.labels(operation).observe(seconds)

@@ -5,13 +5,10 @@ Messages queued in one event-loop turn are written to the socket together, as on
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, Protocol
 
 from watchout.errors import SlowConsumer
 from watchout.frames import Outgoing
-
-log = logging.getLogger("watchout.outbox")
 
 
 class Writer(Protocol):
@@ -26,7 +23,8 @@ class Writer(Protocol):
     def write_payload(self, payload: bytes, binary: bool) -> asyncio.Future[None] | None:
         """Write one message through the connection's own (compressing) encoder."""
 
-    def close_with(self, code: int, reason: str) -> None: ...
+    def close_with(self, code: int, reason: str) -> None:
+        """Close the connection; the socket logs it, with the connection's context."""
 
 
 class Flusher:
@@ -162,7 +160,6 @@ class Outbox:
         self._held.clear()
         self._batch.clear()
         error = SlowConsumer("consumer too slow: outgoing buffer limit reached")
-        log.warning("closing slow consumer (%d bytes unflushed)", self.inflight)
         assert error.close_code is not None
         if self._writer is not None:
             self._writer.close_with(error.close_code, error.message)

@@ -339,10 +339,10 @@ def _alert(obj: dict[str, Any], limits: Limits) -> Alert:
         metadata = {}
     if not isinstance(metadata, dict):
         raise InvalidMessage("metadata must be an object", code="invalid-field")
+    if _depth(metadata) > MAX_NESTING:  # first: the checks below recurse
+        raise InvalidMessage(f"metadata nests deeper than {MAX_NESTING} levels", code="too-deep")
     if has_unstorable_key(metadata):
         raise InvalidMessage("metadata keys may not contain NUL (\\u0000) or start with $", code="invalid-field")
-    if _depth(metadata) > MAX_NESTING:
-        raise InvalidMessage(f"metadata nests deeper than {MAX_NESTING} levels", code="too-deep")
     try:
         metadata_size = len(orjson.dumps(metadata, option=orjson.OPT_STRICT_INTEGER))
     except orjson.JSONEncodeError:  # integers past 2**53 (JSON-safe, BSON-safe), lone surrogates (\ud800)

@@ -104,7 +104,7 @@ class Relay:
                       "status": STATUS_ONLINE}, msg.ref)
         self.hub.publish_status(state, STATUS_ONLINE, skip=peer)
         if not created:
-            self._in_background(self.store.set_stream_status(msg.stream_id, STATUS_ONLINE))
+            self._in_background(self.store.set_stream_status(msg.stream_id, STATUS_ONLINE), msg.stream_id)
         log.info("producer registered", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
 
     def frame(self, peer: Peer, msg: VideoFrame) -> None:
@@ -119,7 +119,7 @@ class Relay:
         if state.status != STATUS_STREAMING:
             self.hub.publish_status(state, STATUS_STREAMING)
             self._in_background(self.store.set_stream_status(
-                frame.stream_id, STATUS_STREAMING, frame_at=dt.datetime.now(dt.timezone.utc)))
+                frame.stream_id, STATUS_STREAMING, frame_at=dt.datetime.now(dt.timezone.utc)), frame.stream_id)
         self.hub.publish_frame(state, frame)
 
     # ------------------------------------------------------------------ consumers
@@ -140,7 +140,7 @@ class Relay:
         if replay:
             assert msg.since_seq is not None
             # not awaited: the subscriber's reads (pongs included) must go on during a long replay
-            self._in_background(self._replay(peer, state, msg.since_seq))
+            self._in_background(self._replay(peer, state, msg.since_seq), msg.stream_id, peer, "alert replay")
         log.info("consumer subscribed", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
 
     async def _replay(self, peer: Peer, state: StreamState, since_seq: int) -> None:
@@ -225,10 +225,17 @@ class Relay:
         orphaned = self.hub.remove_peer(peer)
         if orphaned is not None:
             self.hub.publish_status(orphaned, "offline")
-            self._in_background(self.store.set_stream_status(orphaned.stream_id, "offline"))
+            self._in_background(self.store.set_stream_status(orphaned.stream_id, "offline"), orphaned.stream_id)
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(_logged(work))
+    def _in_background(self, work: Coroutine[Any, Any, None], stream_id: str, peer: Peer | None = None,
+                       what: str = "stream status update") -> None:
+        """Run work without awaiting it; a failure is logged as `what failed`, with the stream (and peer)."""
+        context = {"stream": stream_id}
+        if peer is not None:
+            context["conn"] = peer.id
+            if peer.principal is not None:
+                context["user"] = peer.principal.sub
+        task = asyncio.create_task(_logged(work, what, context))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -239,13 +246,13 @@ class Relay:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-async def _logged(work: Coroutine[Any, Any, None]) -> None:
+async def _logged(work: Coroutine[Any, Any, None], what: str, context: dict[str, str]) -> None:
     try:
         await work
     except StoreUnavailable as exc:
-        log.error("background store update failed: %s", exc.message)
+        log.error("%s failed: %s", what, exc.message, extra=context)
     except Exception:
-        log.exception("background store update failed")
+        log.exception("%s failed", what, extra=context)
 
 
 def _reply(peer: Peer, message: dict[str, Any], ref: str | None) -> None:

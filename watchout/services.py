@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from watchout.alerts import AlertIntake
 from watchout.auth import TokenVerifier
 from watchout.hub import Hub
+from watchout.jobboard import JobBoard
 from watchout.metrics import Metrics
 from watchout.protocol import Limits
 from watchout.relay import Relay
@@ -29,6 +30,7 @@ class Services:
     limits: Limits
     metrics: Metrics
     started_at: float = field(default_factory=time.time)
+    jobs: JobBoard = field(default_factory=JobBoard)  # the scheduled jobs' state, when a scheduler runs
 
     @property
     def intake(self) -> AlertIntake:
@@ -71,6 +73,7 @@ async def open_services(settings: Settings, store: Store | None = None) -> Async
             log.warning("using the embedded in-process store: nothing is kept when the process stops "
                         "(set mongo_url to keep data in MongoDB)")
     await store.ensure_indexes()
+    await store.ensure_job_indexes(settings.alert_retention_d)
     services = build_services(settings, store)
     try:
         yield services

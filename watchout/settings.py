@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 MIN_SECRET_BYTES = 32
+WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +64,15 @@ class Settings:
     rate_limit_msgs_per_s: float = 10000.0
     rate_limit_burst: int = 20000
     max_bad_messages: int = 10
+    # [jobs]
+    offline_after_s: float = 30.0
+    offline_check_s: float = 15.0
+    stale_after_h: float = 24.0
+    stream_retention_d: float = 30.0
+    alert_retention_d: float = 90.0
+    report_schedule: str = "00:00"
+    job_lease_s: float = 60.0
+    node_id: str = ""
 
     @property
     def is_embedded_store(self) -> bool:
@@ -193,6 +205,59 @@ def validate(s: Settings) -> None:
         raise ConfigError("mongo_url", "must start with mongodb:// or mongodb+srv://")
     if s.broker_url:
         raise ConfigError("broker_url", "a Redis broker is not available in this version; leave it empty")
+    _validate_jobs(s)
+
+
+def _validate_jobs(s: Settings) -> None:
+    for key in ("offline_after_s", "offline_check_s", "job_lease_s"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(key, "must be greater than 0")
+    for key in ("stale_after_h", "stream_retention_d", "alert_retention_d"):
+        if getattr(s, key) < 0:
+            raise ConfigError(key, "must be 0 (never remove) or more")
+    if s.ws_ping_interval_s and s.offline_after_s <= s.ws_ping_interval_s:
+        # a producer that sends no frames is heard from only when it answers a ping
+        raise ConfigError("offline_after_s", f"must exceed ws_ping_interval_s ({s.ws_ping_interval_s:g}), or "
+                          "idle producers would be marked offline between pings")
+    try:
+        schedule_fields(s.report_schedule)
+    except ValueError as exc:
+        raise ConfigError("report_schedule", str(exc)) from None
+
+
+def _weekday_name(match: re.Match[str]) -> str:
+    number = int(match.group())
+    if number > 7:
+        raise ValueError(f"weekday {number} is not 0-7 (0 and 7 are Sunday)")
+    return WEEKDAYS[number % 7]
+
+
+def schedule_fields(schedule: str) -> dict[str, str]:
+    """The cron fields (minute, hour, day, month, day_of_week; UTC) of `report_schedule`.
+
+    "HH:MM" is every day at that time; otherwise five crontab fields, e.g. "0 6 * * 1" (Mondays 06:00).
+    Raises ValueError naming what is wrong.
+    """
+    text = schedule.strip()
+    clock = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if clock:
+        hour, minute = int(clock.group(1)), int(clock.group(2))
+        if hour > 23 or minute > 59:
+            raise ValueError(f"{schedule!r} is not a time of day (HH:MM, 00:00 to 23:59)")
+        return {"minute": str(minute), "hour": str(hour), "day": "*", "month": "*", "day_of_week": "*"}
+    parts = text.split()
+    if len(parts) != 5:
+        raise ValueError(f"{schedule!r} is neither HH:MM nor five crontab fields (minute hour day month weekday)")
+    fields = dict(zip(("minute", "hour", "day", "month", "day_of_week"), parts))
+    # crontab numbers weekdays from Sunday = 0 (or 7); APScheduler from Monday = 0: use names
+    fields["day_of_week"] = re.sub(r"(?<![/\d])\d+", _weekday_name, fields["day_of_week"])
+    from apscheduler.triggers.cron import CronTrigger  # checks each field's syntax and range
+
+    try:
+        CronTrigger(**fields, timezone=dt.timezone.utc)
+    except ValueError as exc:
+        raise ValueError(f"{schedule!r}: {exc}") from None
+    return fields
 
 
 def _validate_jwt(s: Settings) -> None:

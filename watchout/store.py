@@ -317,6 +317,286 @@ class Store:
             raise StoreUnavailable("could not read snapshot") from exc
         return (doc["streamId"], bytes(doc["jpeg"])) if doc else None
 
+    # ------------------------------------------------------------------ jobs (workers/)
+    def _collection(self, name: str) -> Any:
+        """A collection the jobs use: reports, usage, locks, job_runs."""
+        return self._streams.database[name]
+
+    @property
+    def _locks(self) -> Any:
+        locks = self._collection("locks")
+        return locks if self.is_embedded else locks.with_options(write_concern=WriteConcern("majority"))
+
+    async def ensure_job_indexes(self, alert_retention_d: float) -> None:
+        """Indexes for the jobs' queries; with MongoDB, TTL indexes that remove alerts and snapshots one
+        day after `alert_retention_d` (0: none), a backstop for the prune job, which removes them first
+        and records the stream's prunedSeq."""
+        try:
+            await self._alerts.create_index([("receivedAt", DESC)], name="received")
+            await self._snapshots.create_index([("streamId", ASC), ("createdAt", ASC)], name="stream_created")
+            await self._collection("usage").create_index([("hour", ASC), ("streamId", ASC)], name="hour_stream")
+            await self._collection("reports").create_index([("from", ASC), ("to", ASC)], name="period")
+            if not self.is_embedded:
+                ttl_s = int((alert_retention_d + 1) * 86400) if alert_retention_d else None
+                await _ensure_ttl(self._alerts, "receivedAt", ttl_s)
+                await _ensure_ttl(self._snapshots, "createdAt", ttl_s)
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"could not create the jobs' indexes: {exc}") from exc
+
+    @_measured
+    async def acquire_lease(self, job: str, owner: str, slot: dt.datetime, now: dt.datetime, lease_s: float) -> bool:
+        """Take `job`'s lease for its firing at `slot` until now + lease_s. False when another owner holds
+        an unexpired lease, or this slot (or a later one) has run already: one run per firing per cluster."""
+        query = {"_id": job, "slot": {"$lt": slot}, "$or": [{"until": {"$lte": now}}, {"owner": owner}]}
+        update = {"$set": {"owner": owner, "slot": slot, "takenAt": now,
+                           "until": now + dt.timedelta(seconds=lease_s)}}
+        try:
+            doc = await self._locks.find_one_and_update(query, update, upsert=True,
+                                                        return_document=pymongo.ReturnDocument.AFTER)
+        except DuplicateKeyError:  # the lease exists and is not ours to take
+            return False
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not take a job lease") from exc
+        return doc is not None
+
+    @_measured
+    async def renew_lease(self, job: str, owner: str, now: dt.datetime, lease_s: float) -> bool:
+        """Extend a lease we hold; False when another owner has taken it over."""
+        try:
+            result = await self._locks.update_one(
+                {"_id": job, "owner": owner}, {"$set": {"until": now + dt.timedelta(seconds=lease_s)}})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not renew a job lease") from exc
+        return bool(result.matched_count)
+
+    @_measured
+    async def release_lease(self, job: str, owner: str, now: dt.datetime) -> None:
+        """End a lease we hold (it expires now); its slot stays, so the same firing does not run again."""
+        try:
+            await self._locks.update_one({"_id": job, "owner": owner}, {"$set": {"until": now}})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not release a job lease") from exc
+
+    async def leases(self) -> list[dict[str, Any]]:
+        """Every job lease: job, owner, slot, until."""
+        try:
+            return [{"job": d.pop("_id"), **d} async for d in self._locks.find({})]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read job leases") from exc
+
+    @_measured
+    async def record_job_run(self, run_id: str, run: dict[str, Any]) -> None:
+        """Keep a job's last run (one document per `run_id`: the job, or job@node for per-node jobs)."""
+        try:
+            await self._collection("job_runs").replace_one({"_id": run_id}, run, upsert=True)
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not record a job run") from exc
+
+    @_measured
+    async def prune_job_runs(self, before: dt.datetime) -> int:
+        """Forget the runs of per-node jobs (scope "node") started before `before`: nodes that stopped."""
+        try:
+            result = await self._collection("job_runs").delete_many({"scope": "node", "startedAt": {"$lt": before}})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not prune job runs") from exc
+        return int(result.deleted_count)
+
+    async def job_runs(self) -> list[dict[str, Any]]:
+        try:
+            return [{"runId": d.pop("_id"), **d} async for d in self._collection("job_runs").find({})]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read job runs") from exc
+
+    @_measured
+    async def mark_streams_offline(self, last_heard: dict[str, dt.datetime]) -> list[str]:
+        """Set streams that are online or streaming to offline, with lastSeenAt = when their producer was
+        last heard (never moved back); returns the ids that changed."""
+        changed = []
+        try:
+            for stream_id, heard in last_heard.items():
+                result = await self._streams.update_one(
+                    {"_id": stream_id, "status": {"$in": ["online", "streaming"]}},
+                    {"$set": {"status": "offline"}, "$max": {"lastSeenAt": heard}})
+                if result.modified_count:
+                    changed.append(stream_id)
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not mark streams offline") from exc
+        return changed
+
+    @_measured
+    async def mark_unseen_streams_offline(self, seen_before: dt.datetime, exclude: set[str]) -> list[str]:
+        """Streams online or streaming whose lastSeenAt is before `seen_before` become offline (lastSeenAt
+        unchanged), except `exclude`; returns their ids."""
+        query = {"status": {"$in": ["online", "streaming"]}, "lastSeenAt": {"$lt": seen_before}}
+        changed = []
+        try:
+            candidates = [d["_id"] async for d in self._streams.find(query, projection={"_id": True})]
+            for stream_id in candidates:
+                if stream_id in exclude:
+                    continue
+                result = await self._streams.update_one({"_id": stream_id, **query}, {"$set": {"status": "offline"}})
+                if result.modified_count:
+                    changed.append(stream_id)
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not mark unseen streams offline") from exc
+        return changed
+
+    @_measured
+    async def record_heartbeats(self, beats: list[tuple[str, dt.datetime, dt.datetime | None]]) -> None:
+        """(streamId, last heard, last frame or None): move lastSeenAt and lastFrameAt forward, never back."""
+        updates = []
+        for stream_id, seen, frame in beats:
+            latest = {"lastSeenAt": seen, **({"lastFrameAt": frame} if frame is not None else {})}
+            updates.append(({"_id": stream_id}, {"$max": latest}))
+        await self._update_each(self._streams, updates, upsert=False, what="stream heartbeats")
+
+    @_measured
+    async def add_usage(self, rows: list[dict[str, Any]]) -> None:
+        """Add per-hour figures: each row has streamId, ownerId, hour (a whole UTC hour) and the counts to add
+        (framesIn, framesRelayed, framesDropped, onlineS)."""
+        updates = []
+        for row in rows:
+            counts = {k: v for k, v in row.items() if k not in ("streamId", "ownerId", "hour")}
+            key = f"{row['hour']:%Y-%m-%dT%H}/{row['streamId']}"
+            updates.append(({"_id": key}, {"$inc": counts, "$setOnInsert": {
+                "streamId": row["streamId"], "ownerId": row["ownerId"], "hour": row["hour"]}}))
+        await self._update_each(self._collection("usage"), updates, upsert=True, what="usage figures")
+
+    async def _update_each(self, collection: Any, updates: list[tuple[dict[str, Any], dict[str, Any]]], *,
+                           upsert: bool, what: str) -> None:
+        if not updates:
+            return
+        try:
+            if self.is_embedded:  # mongomock's bulk_write does not take pymongo 4's operations
+                for query, update in updates:
+                    await collection.update_one(query, update, upsert=upsert)
+            else:
+                await collection.bulk_write([pymongo.UpdateOne(q, u, upsert=upsert) for q, u in updates],
+                                            ordered=False)
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"could not save {what}") from exc
+
+    @_measured
+    async def usage_between(self, first_hour: dt.datetime, end: dt.datetime, stream_id: str | None = None,
+                            owner_id: str | None = None) -> list[dict[str, Any]]:
+        """Per-hour figures of the hours starting in [first_hour, end)."""
+        query: dict[str, Any] = {"hour": {"$gte": first_hour, "$lt": end}}
+        if stream_id is not None:
+            query["streamId"] = stream_id
+        if owner_id is not None:
+            query["ownerId"] = owner_id
+        try:
+            return [d async for d in self._collection("usage").find(query, projection={"_id": False})]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read usage figures") from exc
+
+    @_measured
+    async def prune_usage(self, before: dt.datetime, *, dry_run: bool = False) -> int:
+        """Remove (or count) per-hour figures of hours before `before`."""
+        query = {"hour": {"$lt": before}}
+        try:
+            usage = self._collection("usage")
+            if dry_run:
+                return int(await usage.count_documents(query))
+            return int((await usage.delete_many(query)).deleted_count)
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not prune usage figures") from exc
+
+    @_measured
+    async def prunable_streams(self, never_seen_before: dt.datetime | None, seen_before: dt.datetime | None
+                               ) -> list[dict[str, Any]]:
+        """Offline streams created before `never_seen_before` and never seen, or last seen before `seen_before`
+        (None: that rule is off)."""
+        query = _prunable_query(never_seen_before, seen_before)
+        if query is None:
+            return []
+        try:
+            return [_stream_out(d) async for d in self._streams.find(query).sort([("_id", ASC)])]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not list prunable streams") from exc
+
+    @_measured
+    async def delete_stream_if_prunable(self, stream_id: str, never_seen_before: dt.datetime | None,
+                                        seen_before: dt.datetime | None) -> bool:
+        """Delete the stream, with its alerts and snapshots, if it still matches prunable_streams()."""
+        query = _prunable_query(never_seen_before, seen_before)
+        if query is None:
+            return False
+        try:
+            result = await self._streams.delete_one({"_id": stream_id, **query})
+            if not result.deleted_count:
+                return False
+            await self._alerts.delete_many({"streamId": stream_id})
+            await self._snapshots.delete_many({"streamId": stream_id})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not delete a stream") from exc
+        return True
+
+    @_measured
+    async def old_alerts_by_stream(self, before: dt.datetime) -> list[dict[str, Any]]:
+        """For each stream with alerts received before `before`: streamId, count, maxSeq (of those alerts)."""
+        pipeline = [{"$match": {"receivedAt": {"$lt": before}}},
+                    {"$group": {"_id": "$streamId", "count": {"$sum": 1}, "maxSeq": {"$max": "$seq"}}},
+                    {"$sort": {"_id": 1}}]
+        try:
+            return [{"streamId": d["_id"], "count": int(d["count"]), "maxSeq": int(d.get("maxSeq") or 0)}
+                    async for d in self._alerts.aggregate(pipeline)]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not count old alerts") from exc
+
+    @_measured
+    async def remove_alerts_before(self, stream_id: str, before: dt.datetime, max_seq: int) -> int:
+        """Remove a stream's alerts (and snapshots) from before `before`, first raising its prunedSeq to
+        `max_seq` so that a replay from an earlier seq says it is incomplete. Returns how many alerts went."""
+        try:
+            await self._streams.update_one({"_id": stream_id}, {"$max": {"prunedSeq": max_seq}})
+            result = await self._alerts.delete_many({"streamId": stream_id, "receivedAt": {"$lt": before}})
+            await self._snapshots.delete_many({"streamId": stream_id, "createdAt": {"$lt": before}})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not remove old alerts") from exc
+        return int(result.deleted_count)
+
+    @_measured
+    async def alert_figures(self, start: dt.datetime, end: dt.datetime, stream_id: str | None = None,
+                            owner_id: str | None = None) -> list[dict[str, Any]]:
+        """Alerts received in [start, end) counted by streamId, ownerId, severity, acknowledged (bool) and
+        objectType (metadata.objectType, None when absent): one dict per combination, with `count`."""
+        match: dict[str, Any] = {"receivedAt": {"$gte": start, "$lt": end}}
+        if stream_id is not None:
+            match["streamId"] = stream_id
+        if owner_id is not None:
+            match["ownerId"] = owner_id
+        group = {"streamId": "$streamId", "ownerId": "$ownerId", "severity": "$severity",
+                 "acknowledged": {"$ne": [{"$ifNull": ["$acknowledged", None]}, None]},
+                 "objectType": "$metadata.objectType"}
+        pipeline = [{"$match": match}, {"$group": {"_id": group, "count": {"$sum": 1}}}]
+        try:
+            return [{**{k: d["_id"].get(k) for k in group}, "count": int(d["count"])}
+                    async for d in self._alerts.aggregate(pipeline)]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not count alerts") from exc
+
+    @_measured
+    async def save_report(self, start: dt.datetime, end: dt.datetime, rows: list[dict[str, Any]]) -> None:
+        """Store a period's report rows (each with `scope` and `id`), replacing that period's earlier ones."""
+        docs = [{"_id": f"{start.isoformat()}/{end.isoformat()}/{r['scope']}/{r['id']}", "from": start, "to": end,
+                 **r} for r in rows]
+        reports = self._collection("reports")
+        try:
+            await reports.delete_many({"from": start, "to": end})
+            if docs:
+                await reports.insert_many(docs, ordered=False)
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not store the report") from exc
+
+    async def stored_report(self, start: dt.datetime, end: dt.datetime) -> list[dict[str, Any]]:
+        """A stored report's rows, in the order they were stored."""
+        try:
+            cursor = self._collection("reports").find({"from": start, "to": end}, projection={"_id": False})
+            return [d async for d in cursor]
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not read the report") from exc
+
 
 def _install_mongomock_id_lookup() -> None:
     """Give mongomock an O(1) path for exact `{"_id": value}` filters (same result, no scan).
@@ -342,6 +622,30 @@ def _install_mongomock_id_lookup() -> None:
 
     collection_cls._iter_documents = iter_documents
     collection_cls._watchout_id_lookup = True
+
+
+def _prunable_query(never_seen_before: dt.datetime | None, seen_before: dt.datetime | None) -> dict[str, Any] | None:
+    rules: list[dict[str, Any]] = []
+    if never_seen_before is not None:
+        rules.append({"lastSeenAt": None, "createdAt": {"$lt": never_seen_before}})
+    if seen_before is not None:
+        rules.append({"lastSeenAt": {"$lt": seen_before}})
+    return {"status": "offline", "$or": rules} if rules else None
+
+
+async def _ensure_ttl(collection: Any, field: str, ttl_s: int | None) -> None:
+    """A TTL index on `field` expiring after ttl_s, changed in place when the retention changes; None drops it."""
+    name = f"{field}_ttl"
+    indexes = await collection.index_information()
+    current = indexes.get(name)
+    if ttl_s is None:
+        if current is not None:
+            await collection.drop_index(name)
+    elif current is None:
+        await collection.create_index([(field, ASC)], name=name, expireAfterSeconds=ttl_s)
+    elif current.get("expireAfterSeconds") != ttl_s:
+        await collection.database.command("collMod", collection.name,
+                                          index={"name": name, "expireAfterSeconds": ttl_s})
 
 
 def _alert_query(flt: AlertFilter) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""Scheduled jobs (APScheduler); they arrive with the jobs issue and import only the core."""
+"""Scheduled jobs (APScheduler) and the admin commands that run them; they import only the core."""

@@ -1,0 +1,192 @@
+"""The admin commands `watchout cleanup`, `watchout report` and `watchout jobs`, against the configured database."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import sys
+from typing import Any, TextIO
+
+from watchout.auth import parse_ttl
+from watchout.errors import StoreUnavailable
+from watchout.services import Services, open_services
+from watchout.settings import Settings
+from workers.cleanup import Cleanup, cleanup, cutoffs
+from workers.clock import Instant
+from workers.progress import Progress
+from workers.reports import as_csv, as_json, as_table, build_report
+from workers.scheduler import CLUSTER, Firing, job_specs, node_name, run_job
+
+UTC = dt.timezone.utc
+STOPPED_NODE_AFTER = dt.timedelta(hours=1)  # a per-node job's last run older than this: its node has stopped
+EMBEDDED = ("with the embedded store (no mongo_url) the data lives only inside the running `watchout serve` "
+            "process, which runs its jobs itself (GET /stats with an admin token shows their last runs); "
+            "set mongo_url (WATCHOUT_MONGO_URL) to run `watchout {command}` against MongoDB")
+
+
+class UsageError(Exception):
+    """A bad option value: the message is for the operator, and the exit code is 2."""
+
+
+def run_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`watchout cleanup|report|jobs`: 0 done, 1 the store failed or a job could not run, 2 bad usage."""
+    if args.command in ("cleanup", "report") and settings.is_embedded_store:
+        print("watchout: " + EMBEDDED.format(command=args.command), file=sys.stderr)
+        return 2
+    try:
+        period = report_period(args, dt.datetime.now(UTC)) if args.command == "report" else None
+        return asyncio.run(_run(settings, args, period))
+    except UsageError as exc:
+        print(f"watchout: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(f"watchout: store unavailable: {exc.message}", file=sys.stderr)
+        return 1
+
+
+async def _run(settings: Settings, args: argparse.Namespace, period: tuple[dt.datetime, dt.datetime] | None) -> int:
+    if args.command == "jobs" and settings.is_embedded_store:
+        print("watchout: " + EMBEDDED.format(command="jobs") + "; showing the schedule only", file=sys.stderr)
+        return await jobs_command(None, settings, sys.stdout)
+    async with open_services(settings) as services:
+        if args.command == "cleanup":
+            return await cleanup_command(services, sys.stdout, sys.stderr, dry_run=args.dry_run)
+        if args.command == "report":
+            assert period is not None
+            return await report_command(services, sys.stdout, period, stream_id=args.stream, owner_id=args.owner,
+                                        fmt=args.format, progress=Progress(sys.stderr))
+        return await jobs_command(services, settings, sys.stdout)
+
+
+# ---------------------------------------------------------------------- cleanup
+async def cleanup_command(services: Services, out: TextIO, err: TextIO | None, *, dry_run: bool) -> int:
+    """Run the prune job now, under its lease unless dry_run (which changes nothing), and print the result."""
+    progress = Progress(err)
+    at = Instant.now()
+    if dry_run:
+        result = await cleanup(services, at.wall, dry_run=True, progress=progress)
+    else:
+        outcome: list[Cleanup] = []
+
+        async def body() -> dict[str, Any]:
+            outcome.append(await cleanup(services, at.wall, progress=progress))
+            return outcome[0].summary()
+
+        node = f"{node_name(services.settings)}/cli:{os.getpid()}"
+        run = await run_job(services, "prune", CLUSTER, node, Firing(at, at.wall, None), body)
+        if run is None:
+            print("watchout: prune is running on another node right now; try again in a moment", file=err)
+            return 1
+        if run.result != "ok":
+            print(f"watchout: prune {run.result}: {run.error}", file=err)
+            return 1
+        result = outcome[0]
+    out.write(describe_cleanup(services, result, at.wall))
+    return 0
+
+
+def describe_cleanup(services: Services, result: Cleanup, now: dt.datetime) -> str:
+    never_seen_before, seen_before, received_before = cutoffs(services, now)
+    verb = "Would remove" if result.dry_run else "Removed"
+    lines = []
+    if result.streams:
+        lines.append(f"{verb} {len(result.streams)} stream(s), with their alerts and snapshots:")
+        width = max(len(s.stream_id) for s in result.streams)
+        for s in result.streams:
+            why = (f"registered {_when(s.created_at)}, never seen" if s.last_seen_at is None
+                   else f"offline, last seen {_when(s.last_seen_at)}")
+            lines.append(f"  {s.stream_id:<{width}}  owner {s.owner_id}  {why}")
+    if result.alerts:
+        total = sum(result.alerts.values())
+        lines.append(f"{verb} {total} alert(s) received before {_when(received_before)}:")
+        width = max(len(sid) for sid in result.alerts)
+        lines += [f"  {sid:<{width}}  {count}" for sid, count in sorted(result.alerts.items())]
+    if result.usage_rows:
+        lines.append(f"{verb} {result.usage_rows} hourly figure row(s) from before {_when(received_before)}.")
+    if not lines:
+        lines.append("Nothing to remove" + (" (dry run)." if result.dry_run else "."))
+    rules = [f"never-seen streams created before {_when(never_seen_before)}" if never_seen_before else None,
+             f"offline streams last seen before {_when(seen_before)}" if seen_before else None,
+             f"alerts received before {_when(received_before)}" if received_before else None]
+    kept = ", ".join(r for r in rules if r) or "nothing (every retention setting is 0)"
+    lines.append(f"Rules: remove {kept}.")
+    return "\n".join(lines) + "\n"
+
+
+def _when(moment: dt.datetime | None) -> str:
+    return "-" if moment is None else f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+# ---------------------------------------------------------------------- report
+def report_period(args: argparse.Namespace, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """[start, end) from --since, or --from and --to (ISO dates or times; UTC unless they say otherwise)."""
+    if args.since and args.start:
+        raise UsageError("give --since or --from, not both")
+    if args.end and not args.start:
+        raise UsageError("--to needs --from")
+    if args.start:
+        start = parse_time(args.start, "--from")
+        end = parse_time(args.end, "--to") if args.end else now
+    else:
+        try:
+            seconds = parse_ttl(args.since or "24h")
+        except ValueError:
+            raise UsageError(f"--since {args.since!r} is not a duration like 90m, 24h or 7d") from None
+        start, end = now - dt.timedelta(seconds=seconds), now
+    if start >= end:
+        raise UsageError("the period is empty: --from must be before --to")
+    return start, end
+
+
+def parse_time(text: str, option: str) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not an ISO date or time (2026-11-25 or 2026-11-25T08:00)") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+async def report_command(services: Services, out: TextIO, period: tuple[dt.datetime, dt.datetime], *,
+                         stream_id: str | None = None, owner_id: str | None = None, fmt: str = "table",
+                         progress: Progress | None = None) -> int:
+    report = await build_report(services.store, *period, stream_id=stream_id, owner_id=owner_id, progress=progress)
+    out.write({"csv": as_csv, "json": as_json}.get(fmt, as_table)(report))
+    if fmt == "json":
+        out.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------- jobs
+async def jobs_command(services: Services | None, settings: Settings, out: TextIO,
+                       now: dt.datetime | None = None) -> int:
+    """The jobs, their schedules and next runs (from the settings), and their last runs (from the store)."""
+    now = now or dt.datetime.now(UTC)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    leases: dict[str, dict[str, Any]] = {}
+    if services is not None:
+        for run in await services.store.job_runs():
+            runs.setdefault(str(run["job"]), []).append(run)
+        leases = {str(lease["job"]): lease for lease in await services.store.leases()}
+    recent = now - STOPPED_NODE_AFTER
+    header = ("JOB", "RUNS ON", "SCHEDULE", "NEXT RUN", "LAST RUN", "DURATION", "RESULT", "NODE")
+    lines: list[tuple[str, ...]] = [header]
+    for spec in job_specs(settings):
+        scope = "one node" if spec.scope == CLUSTER else "every node"
+        first = (spec.name, scope, spec.schedule, _when(spec.trigger.get_next_fire_time(None, now)))
+        lease = leases.get(spec.name)
+        if lease is not None and lease["until"] > now:
+            lines.append((*first, f"running since {_when(lease.get('takenAt'))}", "-", "running", str(lease["owner"])))
+            continue
+        done = sorted((r for r in runs.get(spec.name, []) if spec.scope == CLUSTER or r["startedAt"] > recent),
+                      key=lambda r: str(r.get("node")))
+        if not done:
+            lines.append((*first, "-" if services is not None else "unknown", "-", "-", "-"))
+        for index, run in enumerate(done):
+            result = str(run["result"]) + (f" ({run['error']})" if run.get("error") else "")
+            lines.append((*(first if index == 0 else ("", "", "", "")), _when(run["startedAt"]),
+                          f"{float(run['durationS']):.2f} s", result, str(run["node"])))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() + "\n")
+    return 0
