@@ -64,8 +64,9 @@ async def start_server(settings: Settings, store: Store | None = None) -> tuple[
     http.add_sockets([sock])
 
     async def close() -> None:
-        """Like SIGTERM on `watchout serve`: stop accepting, close sockets with 1001, finish writes."""
+        """Like SIGTERM on `watchout serve`: stop accepting, finish alert writes, close sockets with 1001."""
         http.stop()
+        await services.relay.drain()
         for peer in list(services.hub.peers.values()):
             peer.close(1001, "test server stopping")
         for _ in range(200):

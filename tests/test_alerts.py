@@ -134,3 +134,29 @@ async def test_store_failure_gets_a_retryable_error_and_no_fan_out_then_the_retr
         assert (await mobile.recv_type("alert"))["alertId"] == ack["alertId"]
     finally:
         await close()
+
+
+async def test_a_retry_after_a_restart_over_the_same_store_is_not_stored_twice(settings, token):
+    """The embedded store recognises a client id stored by an earlier run of the app, as MongoDB's
+    unique index does, though the new app's in-memory memory of recent ids is empty."""
+    from mongomock_motor import AsyncMongoMockClient
+    import tornado.websocket
+    from conftest import Client
+    store = Store(AsyncMongoMockClient(tz_aware=True), "t", is_embedded=True)
+    acks = []
+    for _ in range(2):  # the same alert, sent to two runs of the app that share one store
+        server, close = await start_server(settings, store)
+        try:
+            phone = Client(await tornado.websocket.websocket_connect(server.ws_url))
+            await phone.send({"type": "register", "clientType": "mobile", "streamId": STREAM, "token": token("alice")})
+            await phone.recv_type("registered")
+            ml = Client(await tornado.websocket.websocket_connect(server.ws_url))
+            await ml.send({"type": "subscribe", "clientType": "ml-service", "streamId": STREAM, "consumes": [],
+                           "token": token("detector", role="service", streams="*")})
+            await ml.recv_type("subscribed")
+            await ml.send(alert_message(STREAM, id="sent-before-the-restart"))
+            acks.append(await ml.recv_type("ack"))
+        finally:
+            await close()
+    assert acks[1]["duplicate"] is True and (acks[1]["alertId"], acks[1]["seq"]) == (acks[0]["alertId"], acks[0]["seq"])
+    assert await store.count_alerts(STREAM) == 1

@@ -80,9 +80,7 @@ async def test_alerts_round_trip_in_seq_order_and_by_client_id(store):
     assert await store.count_alerts("s1") == 3
 
 
-async def test_a_stored_client_id_is_reported_as_duplicate_on_mongodb(store):
-    if store.is_embedded:
-        pytest.skip("the embedded store has no unique indexes; the alert intake de-duplicates in memory")
+async def test_a_stored_client_id_is_reported_as_duplicate(store):
     await store.create_stream("s1", "alice")
     await store.insert_alerts([_alert(1, client_id="same")])
     duplicates = await store.insert_alerts([_alert(2, client_id="same"), _alert(3, client_id="fresh")])

@@ -65,6 +65,7 @@ class Store:
         self._client = client
         self.is_embedded = is_embedded
         self.observer: Callable[[str, float], None] | None = None  # (operation, seconds) after each call
+        self._client_ids: set[tuple[str, str, str]] = set()  # embedded only: (stream, sender, clientId) stored
         db = client[db_name]
         self._streams = db["streams"]
         self._alerts = db["alerts"]
@@ -173,6 +174,7 @@ class Store:
             await self._snapshots.delete_many({"streamId": stream_id})
         except PyMongoError as exc:
             raise StoreUnavailable("could not delete stream") from exc
+        self._forget_client_ids(stream_id)
         return bool(result.deleted_count)
 
     @_measured
@@ -203,6 +205,8 @@ class Store:
     async def insert_alerts(self, alerts: list[dict[str, Any]]) -> set[str]:
         """Store alerts (each with `alertId`); returns the clientIds that were already stored."""
         docs = [_alert_in(a) for a in alerts]
+        if self.is_embedded:
+            return await self._insert_alerts_embedded(docs)
         try:
             await self._alerts.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
@@ -214,6 +218,34 @@ class Store:
         except PyMongoError as exc:
             raise StoreUnavailable("could not store alerts") from exc
         return set()
+
+    def _forget_client_ids(self, stream_id: str) -> None:
+        if self._client_ids:
+            self._client_ids = {key for key in self._client_ids if key[0] != stream_id}
+
+    async def _insert_alerts_embedded(self, docs: list[dict[str, Any]]) -> set[str]:
+        """What MongoDB's unique (stream, sender, clientId) index does, kept beside the embedded data:
+        a retry stored by an earlier run of the app over this store is still recognised."""
+        duplicates: set[str] = set()
+        fresh: list[dict[str, Any]] = []
+        added: list[tuple[str, str, str]] = []
+        for doc in docs:
+            client_id = doc.get("clientId")
+            if client_id is not None:
+                key = (doc["streamId"], doc["senderId"], client_id)
+                if key in self._client_ids:
+                    duplicates.add(client_id)
+                    continue
+                self._client_ids.add(key)
+                added.append(key)
+            fresh.append(doc)
+        try:
+            if fresh:
+                await self._alerts.insert_many(fresh, ordered=False)
+        except PyMongoError as exc:
+            self._client_ids.difference_update(added)
+            raise StoreUnavailable("could not store alerts") from exc
+        return duplicates
 
     @_measured
     async def mark_stored(self, stream_id: str, seq: int) -> None:
@@ -530,6 +562,7 @@ class Store:
             await self._snapshots.delete_many({"streamId": stream_id})
         except PyMongoError as exc:
             raise StoreUnavailable("could not delete a stream") from exc
+        self._forget_client_ids(stream_id)
         return True
 
     @_measured
