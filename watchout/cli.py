@@ -1,9 +1,10 @@
-"""The `watchout` command: serve, token, cleanup, report, jobs. The composition root: the one core module
-importing handlers and workers."""
+"""The `watchout` command: serve, token, cleanup, report, jobs, simulate, demo. The composition root: the one
+core module importing handlers and workers."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from watchout.services import Services
 
 log = logging.getLogger("watchout")
+Companion = Callable[[Settings, str], contextlib.AbstractAsyncContextManager[None]]
 EMBEDDED_ADMIN_TTL_S = 24 * 3600
 
 
@@ -78,11 +80,25 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
     jobs = commands.add_parser("jobs", help="list the scheduled jobs, their next and last runs")
     jobs.add_argument("--config", help="TOML file (default: $WATCHOUT_CONFIG)")
+    simulate = commands.add_parser("simulate", help="run a simulated camera or motion detector (needs watchout[sim])")
+    simulate.add_argument("role", choices=("camera", "ml"), help="camera: a phone streaming frames; ml: a detector")
+    simulate.add_argument("--url", default="ws://127.0.0.1:3000/ws", help="the WebSocket URL")
+    simulate.add_argument("--token", required=True, help="a user token (camera) or service token (ml)")
+    simulate.add_argument("--stream", required=True, help="the stream id")
+    simulate.add_argument("--fps", type=float, default=5.0, help="camera frames a second (default 5)")
+    simulate.add_argument("--size", default="640x480", help="camera frame size (default 640x480)")
+    simulate.add_argument("--cooldown", type=float, default=5.0, help="ml: seconds between alerts (default 5)")
+    simulate.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl+C)")
+    demo = commands.add_parser("demo", help="run the embedded server with a simulated camera and detector")
+    demo.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000)")
+    demo.add_argument("--fps", type=float, default=5.0, help="camera frames a second (default 5)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("simulate", "demo"):
+        return _simulation(args)
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "log_format", "log_level")}
     try:
         settings = load_settings(args.config, os.environ, overrides)
@@ -119,7 +135,26 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(settings: Settings, load: Callable[[], Settings]) -> int:
+def _simulation(args: argparse.Namespace) -> int:
+    """`watchout simulate` and `watchout demo` (built-in settings: embedded store, a key for this run)."""
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        print("watchout: the simulators need Pillow: pip install 'watchout[sim]'", file=sys.stderr)
+        return 2
+    from watchout import simulators
+
+    if args.command == "simulate":
+        return simulators.simulate(args.role, args.url, args.token, args.stream, fps=args.fps, size=args.size,
+                                   cooldown_s=args.cooldown, seconds=args.seconds)
+    if not 0 < args.fps <= 60:
+        print("watchout: --fps must be in (0, 60]", file=sys.stderr)
+        return 2
+    settings = load_settings(None, {}, {"port": args.port})
+    return _serve(settings, None, simulators.demo_companion(args.fps))
+
+
+def _serve(settings: Settings, load: Callable[[], Settings] | None, companion: Companion | None = None) -> int:
     setup_logging(settings.log_format, settings.log_level)
     tune_malloc()
     admin_token = None
@@ -129,14 +164,17 @@ def _serve(settings: Settings, load: Callable[[], Settings]) -> int:
         log.warning("no jwt_secret configured: generated a signing key for this run only")
     notifier = Notifier(os.environ)
     try:
-        return asyncio.run(serve(settings, admin_token, notifier, load))
+        return asyncio.run(serve(settings, admin_token, notifier, load, companion))
     except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch SIGINT first
         return 0
 
 
 async def serve(settings: Settings, admin_token: str | None = None, notifier: Notifier | None = None,
-                load: Callable[[], Settings] | None = None) -> int:
+                load: Callable[[], Settings] | None = None, companion: Companion | None = None) -> int:
     """Run until SIGTERM/SIGINT, then close sockets with 1001 and finish pending writes; returns the exit code.
+
+    `companion(settings, ws_url)` is entered once the server listens and exited first on shutdown
+    (`watchout demo` runs its simulators in it).
 
     `notifier` tells systemd when the service is ready and stopping and sends its watchdog
     keep-alives; on SIGHUP the settings from `load()` are applied where that is safe (watchout.reload).
@@ -185,7 +223,10 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
             jobs.start()
             notifier.ready(status)
             keep_alive = asyncio.create_task(notifier.keep_alive())
-            await stop.wait()
+            async with contextlib.AsyncExitStack() as extras:
+                if companion is not None:
+                    await extras.enter_async_context(companion(settings, f"ws://{_local(settings.host)}:{port}/ws"))
+                await stop.wait()
             notifier.stopping("shutting down")
             log.info("shutting down: finishing pending alert writes, then closing connections with 1001")
             server.stop()
@@ -224,7 +265,7 @@ async def _wait_closed(peers: Mapping[str, object], timeout_s: float) -> None:
 
 
 def _announce(settings: Settings, port: int, admin_token: str | None, metrics_port: int = 0) -> None:
-    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = _local(settings.host)
     base = f"{host}:{port}"
     log.info("listening on %s:%d", settings.host, port)
     lines = [f"Watchout {__version__} is running.",
@@ -236,3 +277,8 @@ def _announce(settings: Settings, port: int, admin_token: str | None, metrics_po
         lines += ["  Admin token for this run (valid 24 h; a new key is generated at each start):",
                   f"    {admin_token}"]
     print("\n".join(lines), flush=True)
+
+
+def _local(host: str) -> str:
+    """An address to reach a server listening on `host` from this machine."""
+    return host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"

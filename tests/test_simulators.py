@@ -1,0 +1,144 @@
+"""The simulators: the motion detector on drawn frames, camera + detector against the real server, `watchout demo`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from io import BytesIO
+
+import pytest
+import tornado.httpclient
+
+pytest.importorskip("PIL", reason="the simulators need Pillow (the [sim] and [test] extras)")
+
+from PIL import Image, ImageDraw  # noqa: E402
+
+from test_service import _free_port  # noqa: E402
+from watchout.simulators import MotionDetector, render_frame, run_camera, run_ml  # noqa: E402
+
+
+def _jpeg(box: tuple[int, int, int, int] | None, size: tuple[int, int] = (320, 240)) -> bytes:
+    image = Image.new("RGB", size, (30, 40, 50))
+    if box is not None:
+        ImageDraw.Draw(image).rectangle(box, fill=(250, 250, 250))
+    out = BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def test_still_frames_raise_no_alert_and_a_moved_object_is_boxed():
+    detector = MotionDetector(cooldown_s=0.0)
+    still = _jpeg((40, 40, 80, 80))
+    assert detector(still) is None  # the first frame has nothing to compare with
+    assert detector(still) is None
+    assert detector(_jpeg((40, 40, 80, 80))) is None
+    detection = detector(_jpeg((200, 120, 260, 180)))
+    assert detection is not None and detection.snapshot is not None
+    meta = detection.metadata
+    assert meta["objectType"] == "motion" and 0 < meta["confidence"] <= 1
+    assert detection.severity in ("low", "medium", "high")
+    box = meta["box"]
+    # The box covers where the object was and where it is now (within the downsampling's few pixels).
+    assert box["x"] <= 42 and box["y"] <= 42
+    assert box["x"] + box["w"] >= 258 and box["y"] + box["h"] >= 178
+    assert box["x"] + box["w"] <= 270 and box["y"] + box["h"] <= 190
+
+
+def test_alerts_wait_for_the_cooldown():
+    now = [100.0]
+    detector = MotionDetector(cooldown_s=5.0, clock=lambda: now[0])
+    frames = [_jpeg((10 + 40 * i, 10, 50 + 40 * i, 50)) for i in range(5)]
+    assert detector(frames[0]) is None
+    assert detector(frames[1]) is not None
+    now[0] += 1.0
+    assert detector(frames[2]) is None  # motion, but within the cooldown
+    now[0] += 5.0
+    assert detector(frames[3]) is not None
+
+
+def test_camera_frames_are_jpegs_of_the_chosen_size_with_a_moving_object():
+    first, later = render_frame(1_764_000_000.0, 320, 240), render_frame(1_764_000_000.5, 320, 240)
+    with Image.open(BytesIO(first)) as image:
+        assert image.format == "JPEG" and image.size == (320, 240)
+    detector = MotionDetector(cooldown_s=0.0)
+    detector(first)
+    assert detector(later) is not None
+
+
+async def test_camera_and_detector_store_a_motion_alert_with_a_snapshot(server, token, api):
+    stop, registered = asyncio.Event(), asyncio.Event()
+    camera = asyncio.create_task(run_camera(server.ws_url, token("cam-owner"), "sim-cam", fps=10, size=(320, 240),
+                                            stop=stop, ready=registered))
+    await asyncio.wait_for(registered.wait(), 5)
+    ml = asyncio.create_task(run_ml(server.ws_url, token("detector", role="service", streams=["sim-cam"]), "sim-cam",
+                                    stop=stop))
+    try:
+        alerts: list[dict] = []
+        for _ in range(100):
+            response = await api("GET", "/api/streams/sim-cam/alerts", token=token("cam-owner"))
+            alerts = response.json["items"]
+            if alerts:
+                break
+            await asyncio.sleep(0.1)
+        assert alerts, "no alert stored"
+        alert = alerts[0]
+        assert alert["metadata"]["objectType"] == "motion"
+        assert set(alert["metadata"]["box"]) == {"x", "y", "w", "h"}
+        snapshot = await api("GET", alert["snapshotUrl"], token=token("cam-owner"))
+        assert snapshot.status == 200 and snapshot.body.startswith(b"\xff\xd8")
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(asyncio.gather(camera, ml), 10) == [None, None]
+
+
+async def _get(url: str, admin: str) -> dict:
+    request = tornado.httpclient.HTTPRequest(url, headers={"Authorization": f"Bearer {admin}"})
+    return json.loads((await tornado.httpclient.AsyncHTTPClient().fetch(request)).body)
+
+
+async def test_demo_serves_alerts_from_its_simulators_and_stops_on_sigint():
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHOUT_")}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "watchout", "demo", "--port", str(port),
+                                                env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        while not any("Ctrl+C" in line for line in lines):
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+            assert line, "watchout demo exited early:\n" + "".join(lines)
+            lines.append(line)
+        output = "".join(lines)
+        assert f"ws://127.0.0.1:{port}/ws" in output and f"http://127.0.0.1:{port}/api/alerts" in output
+        assert "dashboard" in output
+        admin = re.search(r"(eyJ[\w-]+\.[\w-]+\.[\w-]+)", output).group(1)
+        alerts: list[dict] = []
+        for _ in range(100):
+            alerts = (await _get(f"http://127.0.0.1:{port}/api/alerts", admin))["items"]
+            if alerts:
+                break
+            await asyncio.sleep(0.1)
+        assert alerts and alerts[0]["metadata"]["objectType"] == "motion" and "box" in alerts[0]["metadata"]
+        assert (await _get(f"http://127.0.0.1:{port}/stats", admin))["totalProducers"] == 1
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_simulate_without_pillow_exits_2_and_names_the_extra(tmp_path):
+    shadow = tmp_path / "PIL"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('no Pillow here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "watchout", "demo", env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2
+    assert b"pip install 'watchout[sim]'" in out and b"Traceback" not in out

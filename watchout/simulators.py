@@ -1,0 +1,246 @@
+"""Simulators built on the client SDK: a synthetic camera (Producer) and a motion detector (MLService).
+
+`watchout simulate camera|ml` run one of them against any Watchout; `watchout demo` runs both inside
+the embedded server (see demo_companion). Frames are drawn and decoded with Pillow, an optional
+dependency (`pip install 'watchout[sim]'`); watchout.cli checks for it before importing this module.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from io import BytesIO
+
+from PIL import Image, ImageChops, ImageDraw
+
+from watchout.auth import mint_token
+from watchout.client import Detection, MLService, Producer, WatchoutClientError
+from watchout.settings import Settings
+
+log = logging.getLogger("watchout.simulators")
+DEMO_STREAM = "demo-cam"
+DEMO_TOKEN_TTL_S = 24 * 3600
+READY_TIMEOUT_S = 10.0
+
+
+# ----------------------------------------------------------------------------- camera
+
+def render_frame(t_s: float, width: int, height: int, quality: int = 80) -> bytes:
+    """A JPEG: a still background, a ball bouncing across it (position from `t_s`), and the time of day."""
+    image = Image.new("RGB", (width, height), (32, 48, 64))
+    draw = ImageDraw.Draw(image)
+    for x in range(0, width, max(width // 8, 1)):  # a static grid, so the background is not blank
+        draw.line([(x, 0), (x, height)], fill=(44, 62, 80))
+    radius = max(min(width, height) // 10, 2)
+    x = _bounce(t_s * width / 3.0, width - 2 * radius)  # crosses the frame in about 3 s
+    y = _bounce(t_s * height / 4.0, height - 2 * radius)
+    draw.ellipse([x, y, x + 2 * radius, y + 2 * radius], fill=(240, 180, 40))
+    stamp = dt.datetime.fromtimestamp(t_s).strftime("%Y-%m-%d %H:%M:%S")
+    draw.text((8, height - 18), f"watchout sim {stamp}", fill=(230, 230, 230))
+    out = BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _bounce(distance: float, span: int) -> int:
+    """A position in 0..span moving back and forth `distance` pixels along it."""
+    if span <= 0:
+        return 0
+    phase = distance % (2 * span)
+    return int(phase if phase <= span else 2 * span - phase)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'640x480' -> (640, 480); raises ValueError outside 16..4096 pixels a side."""
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and 16 <= int(width) <= 4096 and 16 <= int(height) <= 4096):
+        raise ValueError(f"{text!r} is not WIDTHxHEIGHT, 16..4096 pixels each")
+    return int(width), int(height)
+
+
+async def run_camera(url: str, token: str, stream_id: str, *, fps: float = 5.0, size: tuple[int, int] = (640, 480),
+                     seconds: float | None = None, stop: asyncio.Event | None = None,
+                     ready: asyncio.Event | None = None) -> WatchoutClientError | None:
+    """Stream drawn frames until `seconds` pass, `stop` is set, or the producer closes for good (its error).
+
+    Frames are encoded in the default executor, so the loop stays free; `ready` is set once registered.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    interval_s = 1.0 / fps
+    async with Producer(url, token, stream_id, alerts=False) as producer:
+        try:
+            await producer.wait_ready(READY_TIMEOUT_S)
+        except (WatchoutClientError, TimeoutError) as exc:
+            log.error("camera: not registered on %s: %s", stream_id, exc)
+            return exc if isinstance(exc, WatchoutClientError) else WatchoutClientError(str(exc))
+        if ready is not None:
+            ready.set()
+        end = loop.time() + seconds if seconds is not None else math.inf
+        due = loop.time()
+        while not stop.is_set() and loop.time() < end and producer.state != "closed":
+            jpeg = await loop.run_in_executor(None, render_frame, time.time(), *size)
+            producer.send_frame(jpeg, width=size[0], height=size[1])
+            due = max(due + interval_s, loop.time())
+            await _wait(stop, min(due, end) - loop.time())
+        return producer.error
+
+
+# ----------------------------------------------------------------------------- motion detector
+
+@dataclass(frozen=True, slots=True)
+class Motion:
+    """Changed pixels between two frames: the box (x, y, w, h) in the frame's pixels and the changed fraction."""
+
+    box: tuple[int, int, int, int]
+    changed: float
+    confidence: float
+
+
+class MotionDetector:
+    """Motion by frame differencing: grayscale, downsample, |this - previous| > threshold, bounding box.
+
+    Call it with each JPEG (from one thread at a time: MLService runs it in its one-thread executor). It
+    returns a Detection (snapshot: that JPEG) when at least `min_changed` of the pixels changed, and at
+    most one every `cooldown_s` seconds. Confidence grows with the changed fraction: 0.5 at `half_at`.
+    """
+
+    def __init__(self, *, threshold: int = 25, min_changed: float = 0.003, half_at: float = 0.01,
+                 cooldown_s: float = 5.0, work_width: int = 160, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.min_changed = min_changed
+        self.half_at = half_at
+        self.cooldown_s = cooldown_s
+        self.work_width = work_width
+        self.clock = clock
+        self._previous: Image.Image | None = None
+        self._last_alert: float | None = None
+
+    def __call__(self, jpeg: bytes) -> Detection | None:
+        with Image.open(BytesIO(jpeg)) as image:
+            size = image.size
+            gray = image.convert("L")
+        scale = max(size[0] / self.work_width, 1.0)
+        small = gray.resize((max(int(size[0] / scale), 1), max(int(size[1] / scale), 1)), Image.Resampling.BILINEAR)
+        previous, self._previous = self._previous, small
+        if previous is None or previous.size != small.size:
+            return None
+        motion = self.compare(previous, small, scale)
+        if motion is None:
+            return None
+        now = self.clock()
+        if self._last_alert is not None and now - self._last_alert < self.cooldown_s:
+            return None
+        self._last_alert = now
+        x, y, w, h = motion.box
+        severity = "high" if motion.confidence >= 0.8 else "medium" if motion.confidence >= 0.5 else "low"
+        return Detection(f"motion detected ({motion.changed:.1%} of the frame)", severity=severity,
+                         metadata={"confidence": motion.confidence, "objectType": "motion",
+                                   "box": {"x": x, "y": y, "w": w, "h": h}},
+                         snapshot=jpeg)
+
+    def compare(self, before: Image.Image, after: Image.Image, scale: float = 1.0) -> Motion | None:
+        """The motion between two grayscale images of one size; None below `min_changed`. `scale`: to frame pixels."""
+        mask = ImageChops.difference(before, after).point(lambda p: 255 if p > self.threshold else 0)
+        changed = mask.histogram()[255] / (mask.width * mask.height)
+        box = mask.getbbox()
+        if box is None or changed < self.min_changed:
+            return None
+        left, top, right, bottom = (int(round(v * scale)) for v in box)
+        confidence = round(changed / (changed + self.half_at), 3)
+        return Motion((left, top, right - left, bottom - top), round(changed, 4), confidence)
+
+
+async def run_ml(url: str, token: str, stream_id: str, *, cooldown_s: float = 5.0, seconds: float | None = None,
+                 stop: asyncio.Event | None = None) -> WatchoutClientError | None:
+    """Detect motion on `stream_id` until `seconds` pass, `stop` is set, or the service closes for good."""
+    stop = stop or asyncio.Event()
+    detector = MotionDetector(cooldown_s=cooldown_s)
+    async with MLService(url, token, stream_id, detector) as service:
+        closed = asyncio.ensure_future(service.wait_closed())
+        stopped = asyncio.ensure_future(stop.wait())
+        waiters = {closed, stopped}
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        log.info("ml: %d frames analysed, %d alerts sent", service.frames_analysed, service.alerts_sent)
+        return service.error
+
+
+async def _wait(stop: asyncio.Event, delay_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max(delay_s, 0.0))
+
+
+# ----------------------------------------------------------------------------- commands
+
+def simulate(role: str, url: str, token: str, stream_id: str, *, fps: float, size: str, cooldown_s: float,
+             seconds: float | None) -> int:
+    """`watchout simulate camera|ml`: 0 after --seconds or SIGINT/SIGTERM, 1 refused for good, 2 bad usage."""
+    try:
+        frame_size = parse_size(size)
+    except ValueError as exc:
+        print(f"watchout: --size: {exc}", file=sys.stderr)
+        return 2
+    if fps <= 0 or fps > 60:
+        print("watchout: --fps must be in (0, 60]", file=sys.stderr)
+        return 2
+
+    async def run() -> WatchoutClientError | None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if role == "camera":
+            return await run_camera(url, token, stream_id, fps=fps, size=frame_size, seconds=seconds, stop=stop)
+        return await run_ml(url, token, stream_id, cooldown_s=cooldown_s, seconds=seconds, stop=stop)
+
+    error = asyncio.run(run())
+    if error is not None:
+        print(f"watchout: {role} stopped: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def demo_companion(fps: float) -> Callable[[Settings, str], contextlib.AbstractAsyncContextManager[None]]:
+    """For serve(): once it listens, run a camera and a motion detector against it; stop them on exit."""
+
+    @contextlib.asynccontextmanager
+    async def companion(settings: Settings, ws_url: str) -> AsyncIterator[None]:
+        key = settings.jwt_secret
+        camera_token = mint_token(key, "HS256", "demo", "user", ttl_s=DEMO_TOKEN_TTL_S)
+        ml_token = mint_token(key, "HS256", "demo-ml", "service", streams=[DEMO_STREAM], ttl_s=DEMO_TOKEN_TTL_S)
+        stop, registered = asyncio.Event(), asyncio.Event()
+        camera = asyncio.create_task(run_camera(ws_url, camera_token, DEMO_STREAM, fps=fps, stop=stop,
+                                                ready=registered))
+        # The stream exists once the camera has registered; an earlier subscribe would wait 7 s to retry.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(registered.wait(), READY_TIMEOUT_S)
+        ml = asyncio.create_task(run_ml(ws_url, ml_token, DEMO_STREAM, stop=stop))
+        base = ws_url.replace("ws://", "http://", 1).removesuffix("/ws")
+        print("\n".join([
+            f"Demo: a simulated camera streams {DEMO_STREAM!r} (640x480, {fps:g} fps) as user 'demo';",
+            "  a motion detector (service 'demo-ml') watches it and raises alerts with a box and a snapshot.",
+            "  Alert history (with the admin token above):",
+            f"    curl -H \"Authorization: Bearer $TOKEN\" {base}/api/alerts",
+            f"    curl -H \"Authorization: Bearer $TOKEN\" {base}/api/streams/{DEMO_STREAM}/alerts",
+            "  The web dashboard is not in this version yet; watch with the REST API or watchout.client.",
+            "Press Ctrl+C to stop."]), flush=True)
+        try:
+            yield
+        finally:
+            stop.set()
+            for result in await asyncio.gather(camera, ml, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    log.error("demo simulator failed: %r", result)
+
+    return companion
