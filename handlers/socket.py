@@ -28,26 +28,40 @@ BAD_MESSAGE_WINDOW_S = 60.0
 WARNING_CLOSES = frozenset({1011, SlowConsumer.close_code})
 
 
+class _ConnectionState:
+    """A connection's own fields, kept out of the handler's __dict__: Tornado already sets 27 attributes
+    on it, and past 30 CPython stops sharing instance-dict keys, which costs ~1.3 KiB per connection."""
+
+    __slots__ = ("peer", "timer", "bad", "tokens", "refilled", "limited_since", "limited_replied", "refused_at",
+                 "opened", "stream", "close_cause")
+
+    def __init__(self, burst: float) -> None:
+        self.peer: Peer | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.bad: deque[float] | None = None  # times of recent invalid messages, made on the first
+        self.tokens = burst  # rate-limit bucket
+        self.refilled = self.opened = time.monotonic()
+        self.limited_since = self.limited_replied = self.refused_at = 0.0
+        self.stream: str | None = None  # the stream of the last register/subscribe, for log lines
+        self.close_cause: str | None = None  # why the server closed it, for the close log line
+
+
 class RelaySocket(tornado.websocket.WebSocketHandler):
     """One client connection. Nothing raised in on_message escapes: every error becomes an `error`
     reply or a close with its code (an escaping exception would make Tornado drop the TCP connection).
     """
 
     services: Services
-    peer: Peer
 
     def initialize(self, services: Services) -> None:
         self.services = services
-        self._timer: asyncio.TimerHandle | None = None
-        self._bad: deque[float] | None = None  # times of recent invalid messages, made on the first
-        self._tokens = float(services.settings.rate_limit_burst)
-        self._refilled = time.monotonic()
-        self._limited_since = 0.0
-        self._limited_replied = 0.0
-        self._refused_at = 0.0
-        self._opened = time.monotonic()
-        self._stream: str | None = None  # the stream of the last register/subscribe, for log lines
-        self._close_cause: str | None = None  # why the server closed it, for the close log line
+        self._c = _ConnectionState(float(services.settings.rate_limit_burst))
+
+    @property
+    def peer(self) -> Peer:
+        peer = self._c.peer
+        assert peer is not None, "the connection has not opened"
+        return peer
 
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.services.settings.ws_compression else None
@@ -79,10 +93,10 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
 
     def close_with(self, code: int, reason: str) -> None:
         """Close from the server's side (Peer.close, or the outbox giving up on a slow consumer)."""
-        if self._close_cause is None:
-            self._close_cause = reason
+        if self._c.close_cause is None:
+            self._c.close_cause = reason
             if code == SlowConsumer.close_code:
-                self._close_cause += f" ({self.peer.outbox.inflight} bytes unflushed)"
+                self._c.close_cause += f" ({self.peer.outbox.inflight} bytes unflushed)"
         if self.peer.closed_with is None:
             self.peer.closed_with = code
         self.close(code, reason.encode()[:123].decode(errors="ignore"))
@@ -92,7 +106,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         s = self.services.settings
         self.set_nodelay(True)
         outbox = Outbox(self, self.services.hub.flusher, s.outbox_soft_bytes, s.outbox_hard_bytes)
-        self.peer = Peer(secrets.token_hex(8), self, outbox)
+        self._c.peer = Peer(secrets.token_hex(8), self, outbox)
         self.services.hub.add_peer(self.peer)
         log.debug("connection opened", extra={"conn": self.peer.id})
         header = self.request.headers.get("Authorization", "")
@@ -105,12 +119,12 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
                 return
             self._watch_expiry()
         else:
-            self._timer = asyncio.get_running_loop().call_later(s.auth_timeout_s, self._auth_timed_out)
+            self._c.timer = asyncio.get_running_loop().call_later(s.auth_timeout_s, self._auth_timed_out)
 
     def on_close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        peer = getattr(self, "peer", None)
+        if self._c.timer is not None:
+            self._c.timer.cancel()
+        peer = self._c.peer
         if peer is not None:
             code = peer.closed_with or self.close_code or 1006  # 1006: dropped without a close frame
             self.services.metrics.closes.labels(str(code)).inc()
@@ -121,12 +135,12 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
 
     def _log_close(self, code: int) -> None:
         """One line per connection: its close code, why, and how long it lasted."""
-        if self._close_cause is not None:
-            cause = self._close_cause
+        if self._c.close_cause is not None:
+            cause = self._c.close_cause
         else:
             cause = "without a close code" if code == 1006 else "by the client"
         log.log(logging.WARNING if code in WARNING_CLOSES else logging.INFO,
-                "connection closed: %d %s after %.1f s", code, cause, time.monotonic() - self._opened,
+                "connection closed: %d %s after %.1f s", code, cause, time.monotonic() - self._c.opened,
                 extra=self._log_context())
 
     def _log_context(self, stream: str | None = None) -> dict[str, str]:
@@ -140,7 +154,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
             watching = peer.watching
             stream = peer.producing or (next(iter(watching)) if len(watching) == 1 else None)
             if stream is None and not watching:
-                stream = self._stream
+                stream = self._c.stream
         if stream is not None:
             context["stream"] = stream
         return context
@@ -148,7 +162,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
     def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
                       tb: TracebackType | None) -> None:
         """An exception Tornado caught around open/on_close: one record, with the connection's context."""
-        if getattr(self, "peer", None) is None or isinstance(value, tornado.web.HTTPError):
+        if self._c.peer is None or isinstance(value, tornado.web.HTTPError):
             super().log_exception(typ, value, tb)
             return
         log.error("unexpected error on the connection", exc_info=value, extra=self._log_context())
@@ -161,10 +175,10 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         """(Re)arm the close-on-expiry timer after a token was accepted."""
         principal = self.peer.principal
         assert principal is not None
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._c.timer is not None:
+            self._c.timer.cancel()
         delay = principal.expires_at - time.time() + self._expiry_margin_s
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._token_expired)
+        self._c.timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._token_expired)
 
     @property
     def _expiry_margin_s(self) -> float:
@@ -203,7 +217,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
                 raise Unauthenticated("authenticate first: register, subscribe or auth with a token",
                                       code="token-missing")
             if isinstance(msg, (Register, Subscribe)):
-                self._stream = msg.stream_id
+                self._c.stream = msg.stream_id
             if isinstance(msg, Register):
                 return self._guarded(relay.register(self.peer, msg), msg.ref, authenticates=True)
             if isinstance(msg, Subscribe):
@@ -248,18 +262,19 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         """
         s = self.services.settings
         now = time.monotonic()
-        self._tokens = min(float(s.rate_limit_burst), self._tokens + (now - self._refilled) * s.rate_limit_msgs_per_s)
-        self._refilled = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        c = self._c
+        c.tokens = min(float(s.rate_limit_burst), c.tokens + (now - c.refilled) * s.rate_limit_msgs_per_s)
+        self._c.refilled = now
+        if self._c.tokens >= 1.0:
+            self._c.tokens -= 1.0
             return True
-        if now - self._refused_at > 1.0:
-            self._limited_since = now
-        self._refused_at = now
-        if now - self._limited_since > 1.0:
+        if now - self._c.refused_at > 1.0:
+            self._c.limited_since = now
+        self._c.refused_at = now
+        if now - self._c.limited_since > 1.0:
             self._fail(RateLimited("message rate limit exceeded for too long"), None)
-        elif now - self._limited_replied > 0.1:
-            self._limited_replied = now
+        elif now - self._c.limited_replied > 0.1:
+            self._c.limited_replied = now
             self.peer.send(error_message("rate-limited", "too many messages; this one was dropped"))
         return False
 
@@ -275,14 +290,14 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
                 self.peer.outbox.flush()
                 self.peer.close(CLOSE_POLICY, "too many invalid messages")
             return
-        if self._close_cause is None:
-            self._close_cause = exc.code  # logged, with the close code, when the connection has closed
+        if self._c.close_cause is None:
+            self._c.close_cause = exc.code  # logged, with the close code, when the connection has closed
         self.peer.send(reply)
         self.peer.close(exc.close_code, exc.message)
 
     def _strike(self) -> bool:
         now = time.monotonic()
-        if self._bad is None:
-            self._bad = deque(maxlen=self.services.settings.max_bad_messages)
-        self._bad.append(now)
-        return len(self._bad) == self._bad.maxlen and now - self._bad[0] < BAD_MESSAGE_WINDOW_S
+        if self._c.bad is None:
+            self._c.bad = deque(maxlen=self.services.settings.max_bad_messages)
+        self._c.bad.append(now)
+        return len(self._c.bad) == self._c.bad.maxlen and now - self._c.bad[0] < BAD_MESSAGE_WINDOW_S
