@@ -309,6 +309,8 @@ class Hub:
         message = Outgoing(payload)
         for peer in state.alert_watchers:
             peer.outbox.send(message)
+        if not state.replaying:
+            return
         for peer, held in list(state.replaying.items()):
             held.append((seq, message))
             if len(held) > MAX_REPLAY_BUFFER:  # the replay cannot keep up: this watcher must reconnect
