@@ -8,7 +8,9 @@ from collections.abc import Callable
 from collections import OrderedDict
 from typing import Any
 
-from watchout.errors import StoreUnavailable
+from watchout.broker import AlertItems, Broker
+from watchout.errors import StoreUnavailable, WriterBusy
+from watchout.feed import AlertFeed
 from watchout.hub import Hub, Peer, StreamState
 from watchout.protocol import Alert, encode, error_message
 from watchout.store import Store, new_alert_id, utcnow
@@ -17,6 +19,7 @@ from watchout.views import alert_event
 log = logging.getLogger("watchout.alerts")
 MAX_BATCH = 256
 RECENT_IDS = 100_000
+WRITER_LEASE_S = 10.0  # with several nodes: how long a node that stopped mid-batch keeps others waiting
 
 
 class _Pending:
@@ -38,11 +41,18 @@ class AlertIntake:
     previous batch was being written; `seq` is allocated per batch with one atomic increment.
     A client `id` seen recently from the same sender on the same stream (or, on MongoDB, stored at all)
     yields the same alertId and seq and no second fan-out.
+
+    With a shared broker (several nodes) a node takes the stream's writer lease for each batch, so one
+    node at a time writes a stream's alerts and the committed lastSeq stays a true watermark.
     """
 
-    def __init__(self, store: Store, hub: Hub, on_latency: Callable[[float], None] | None = None) -> None:
+    def __init__(self, store: Store, hub: Hub, feed: AlertFeed, broker: Broker,
+                 on_latency: Callable[[float], None] | None = None) -> None:
         self._store = store
         self._hub = hub
+        self.feed = feed
+        self._broker = broker
+        self._lease_s = WRITER_LEASE_S if broker.is_shared else 0.0
         self._on_latency = on_latency  # seconds from arrival to fan-out, per alert
         self._queues: dict[str, list[_Pending]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -92,8 +102,21 @@ class AlertIntake:
             if not queue:
                 self._queues.pop(sid, None)
 
+    async def _reserve(self, stream_id: str, count: int) -> tuple[int, int]:
+        """(first seq, lastSeq before the batch), waiting while another node writes this stream's alerts."""
+        pause, deadline = 0.005, time.monotonic() + 2 * WRITER_LEASE_S
+        while True:
+            try:
+                return await self._store.reserve_batch(stream_id, count, self._broker.node_id, self._lease_s)
+            except WriterBusy:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable("another node kept this stream's alerts locked") from None
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
+
     async def _store_batch(self, state: StreamState, batch: list[_Pending]) -> None:
-        first_seq = await self._store.reserve_seqs(state.stream_id, len(batch))
+        sid = state.stream_id
+        first_seq, prev = await self._reserve(sid, len(batch))
         received = utcnow()
         docs: list[dict[str, Any]] = []
         for offset, p in enumerate(batch):
@@ -106,8 +129,13 @@ class AlertIntake:
         for p, doc in zip(batch, docs):  # snapshots first, so a failure leaves no alert without its image
             if p.alert.snapshot is not None:
                 await self._store.save_snapshot(doc["alertId"], state.stream_id, p.alert.snapshot)
-        duplicates = await self._store.insert_alerts(docs)
-        await self._store.mark_stored(state.stream_id, docs[-1]["seq"])
+        try:
+            duplicates = await self._store.insert_alerts(docs)
+            await self._store.mark_stored(sid, docs[-1]["seq"])
+        finally:
+            if self._lease_s:
+                await self._store.release_writer(sid, self._broker.node_id)
+        items: AlertItems = []
         for p, doc in zip(batch, docs):
             if doc["clientId"] is not None and doc["clientId"] in duplicates:
                 await self._settle_duplicate(p)
@@ -115,9 +143,16 @@ class AlertIntake:
             p.result = (doc["alertId"], doc["seq"])
             self.stored += 1
             self._acknowledge(p)
-            self._hub.publish_alert(state, encode(alert_event(doc)), doc["seq"])
-            if self._on_latency is not None:
-                self._on_latency(time.perf_counter() - p.arrived)
+            items.append((doc["seq"], encode(alert_event(doc))))
+        self._broker.alerts(sid, prev, items)
+        live = self._hub.streams.get(sid)  # the watchers' state, also when they came during the write
+        if live is not None:
+            self.feed.deliver(live, prev, items)
+        if self._on_latency is not None:
+            now = time.perf_counter()
+            for p in batch:
+                if p.result is not None:
+                    self._on_latency(now - p.arrived)
 
     async def _settle_duplicate(self, p: _Pending) -> None:
         """Another node (or an earlier run) stored this client id: answer with that row, no fan-out."""

@@ -192,9 +192,7 @@ async def acknowledge(services: Services, p: Principal, alert_id: str) -> dict[s
         raise NotFound(f"alert {alert_id} not found")
     if before.get("acknowledged") is None:
         services.metrics.alerts_acknowledged.inc()
-    state = services.hub.streams.get(doc["streamId"])
-    if state is not None:
-        services.hub.publish_to_watchers(state, ack_event(doc))
+    services.hub.publish_to_watchers(doc["streamId"], ack_event(doc))
     return alert_resource(doc)
 
 

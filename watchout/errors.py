@@ -88,6 +88,14 @@ class StoreUnavailable(WatchoutError):
     close_code = None
 
 
+class WriterBusy(WatchoutError):
+    """Another node holds the stream's alert writer lease (internal: the intake waits and tries again)."""
+
+    code = "writer-busy"
+    http_status = 503
+    close_code = None
+
+
 class ConfigError(Exception):
     """Bad configuration: start-up stops with this message, which names the key."""
 

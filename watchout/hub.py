@@ -6,11 +6,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from watchout.auth import Principal
+from watchout.broker import AlertItems, Broker, MemoryBroker
 from watchout.frames import Frame, Outgoing
 from watchout.outbox import Flusher, Outbox, Writer
 from watchout.protocol import encode
 
 STATUS_OFFLINE, STATUS_ONLINE, STATUS_STREAMING = "offline", "online", "streaming"
+EVENTS, VIDEO = 1, 2  # the broker channels of a stream a node listens to
 FPS_WINDOW_S = 2.0
 MAX_REPLAY_BUFFER = 10_000
 
@@ -67,7 +69,8 @@ class StreamState:
 
     __slots__ = ("stream_id", "owner_id", "producer", "json_video", "binary_video", "alert_watchers",
                  "watchers", "replaying", "status", "frames_in", "frames_relayed", "frames_dropped",
-                 "last_frame_at", "producer_since", "_rate_start", "_rate_count", "fps", "tallied", "online_since")
+                 "last_frame_at", "producer_since", "_rate_start", "_rate_count", "fps", "tallied", "online_since",
+                 "alert_seq", "alert_backlog", "channels")
 
     def __init__(self, stream_id: str, owner_id: str) -> None:
         self.stream_id = stream_id
@@ -90,9 +93,15 @@ class StreamState:
         self.fps = 0.0  # frames per second over the last complete 2 s window
         self.tallied = (0, 0, 0)  # frames_in, frames_relayed, frames_dropped already handed to take_tallies()
         self.online_since = 0.0  # wall time from which the producer's online time is not tallied yet; 0: none
+        self.alert_seq: int | None = None  # the last alert seq delivered here (watchout.feed); None: not yet known
+        self.alert_backlog: list[tuple[int, AlertItems]] | None = None  # batches waiting behind a gap fill
+        self.channels = 0  # what this node asked the broker for: 0 nothing, EVENTS, EVENTS | VIDEO
 
     def count_frame(self, now: float) -> None:
         self.frames_in += 1
+        self.count_rate(now)
+
+    def count_rate(self, now: float) -> None:
         self.last_frame_at = now
         self._rate_count += 1
         elapsed = now - self._rate_start
@@ -133,7 +142,8 @@ class Tally:
 class Hub:
     """All local peers and stream states of this node."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker: Broker | None = None) -> None:
+        self.broker = broker if broker is not None else MemoryBroker("local")
         self.flusher = Flusher()
         self.peers: dict[str, Peer] = {}
         self.streams: dict[str, StreamState] = {}
@@ -167,6 +177,7 @@ class Hub:
         peer.producing = state.stream_id
         if wants_alerts:
             state.alert_watchers[peer] = None
+        self._sync_channels(state)
         return previous
 
     def add_watcher(self, state: StreamState, peer: Peer, sub: Subscription, *, replaying: bool = False) -> None:
@@ -181,6 +192,7 @@ class Hub:
                 state.replaying[peer] = []
             else:
                 state.alert_watchers[peer] = None
+        self._sync_channels(state)
 
     def finish_replay(self, state: StreamState, peer: Peer, last_seq: int) -> int:
         """Send the live alerts held during the replay that it did not already cover, and make the
@@ -199,6 +211,7 @@ class Hub:
         self._drop_watcher(state, peer)
         peer.watching.pop(state.stream_id, None)
         self._forget_if_idle(state)
+        self._sync_channels(state)
 
     def _drop_watcher(self, state: StreamState, peer: Peer) -> None:
         state.watchers.pop(peer, None)
@@ -228,12 +241,14 @@ class Hub:
                 self._tally_offline(state)
                 orphaned = state
                 self._forget_if_idle(state)
+                self._sync_channels(state)
             peer.producing = None
         return orphaned
 
-    def release_producer(self, state: StreamState) -> Peer | None:
-        """Detach the stream's producer, which stays connected until closed, and send `status: offline`
-        to the watchers; returns the producer, if there was one. Its later disconnect changes nothing."""
+    def release_producer(self, state: StreamState, *, announce: bool = True) -> Peer | None:
+        """Detach the stream's producer, which stays connected until closed, and (with `announce`) send
+        `status: offline` to the watchers; returns the producer, if there was one. Its later disconnect
+        changes nothing. Without `announce`: a producer on another node took over."""
         peer = state.producer
         if peer is None:
             return None
@@ -241,9 +256,22 @@ class Hub:
         peer.producing = None
         state.alert_watchers.pop(peer, None)
         self._tally_offline(state)
-        self.publish_status(state, STATUS_OFFLINE)
+        if announce:
+            self.publish_status(state, STATUS_OFFLINE)
         self._forget_if_idle(state)
+        self._sync_channels(state)
         return peer
+
+    def _sync_channels(self, state: StreamState) -> None:
+        """Listen to a stream's broker channels only while this node has participants (video: video watchers)."""
+        live = self.streams.get(state.stream_id) is state
+        wanted = (EVENTS | (VIDEO if state.json_video or state.binary_video else 0)) if live else 0
+        if wanted != state.channels:
+            state.channels = wanted
+            if wanted:
+                self.broker.watch(state.stream_id, bool(wanted & VIDEO))
+            else:
+                self.broker.unwatch(state.stream_id)
 
     def _forget_if_idle(self, state: StreamState) -> None:
         if state.is_idle and self.streams.get(state.stream_id) is state:
@@ -289,9 +317,14 @@ class Hub:
 
     # ------------------------------------------------------------------ fan-out
     def publish_frame(self, state: StreamState, frame: Frame) -> None:
-        """Send a frame to every video watcher in the form it asked for; never blocks."""
+        """Send a producer's frame to every video watcher here and on other nodes; never blocks."""
         state.count_frame(time.time())
         self.frames_in += 1
+        self.broker.frame(frame)
+        self.deliver_frame(state, frame)
+
+    def deliver_frame(self, state: StreamState, frame: Frame) -> None:
+        """Send a frame to this node's video watchers in the form each asked for."""
         sid = state.stream_id
         dropped = 0
         if state.json_video:
@@ -305,7 +338,8 @@ class Hub:
         state.frames_relayed += len(state.json_video) + len(state.binary_video)
         state.frames_dropped += dropped
 
-    def publish_alert(self, state: StreamState, payload: bytes, seq: int) -> None:
+    def deliver_alert(self, state: StreamState, payload: bytes, seq: int) -> None:
+        """Send one alert to this node's alert watchers (watchout.feed keeps the order)."""
         message = Outgoing(payload)
         for peer in state.alert_watchers:
             peer.outbox.send(message)
@@ -318,16 +352,29 @@ class Hub:
                 peer.send({"type": "error", "code": "slow-consumer", "message": "replay fell too far behind"})
                 peer.close(4413, "replay fell too far behind")
 
-    def publish_to_watchers(self, state: StreamState, message: dict[str, Any]) -> None:
-        """A message for everyone who receives the stream's alerts (e.g. an acknowledgement)."""
-        outgoing = Outgoing(encode(message))
+    def publish_to_watchers(self, stream_id: str, message: dict[str, Any]) -> None:
+        """A message for everyone, on every node, who receives the stream's alerts (e.g. an acknowledgement)."""
+        payload = encode(message)
+        self.broker.to_watchers(stream_id, payload)
+        state = self.streams.get(stream_id)
+        if state is not None:
+            self.deliver_to_watchers(state, payload)
+
+    def deliver_to_watchers(self, state: StreamState, payload: bytes) -> None:
+        outgoing = Outgoing(payload)
         for peer in (*state.alert_watchers, *state.replaying):
             peer.outbox.send(outgoing)
 
     def publish_status(self, state: StreamState, status: str, *, skip: Peer | None = None) -> None:
+        """Tell the stream's participants here and on other nodes its new status."""
+        payload = encode({"type": "status", "streamId": state.stream_id, "status": status,
+                          "timestamp": int(time.time() * 1000)})
+        self.broker.status(state.stream_id, payload)
+        self.deliver_status(state, status, payload, skip=skip)
+
+    def deliver_status(self, state: StreamState, status: str, payload: bytes, *, skip: Peer | None = None) -> None:
         state.status = status
-        message = Outgoing(encode({"type": "status", "streamId": state.stream_id, "status": status,
-                                   "timestamp": int(time.time() * 1000)}))
+        message = Outgoing(payload)
         for peer in state.participants():
             if peer is not skip:
                 peer.outbox.send(message)

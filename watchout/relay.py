@@ -9,6 +9,7 @@ from typing import Any
 
 from watchout.alerts import AlertIntake
 from watchout.auth import Principal, TokenVerifier, can_watch, check_produce, check_watch
+from watchout.cluster import ClusterSink, initial_state
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StoreUnavailable, StreamBusy, Unauthenticated
 from watchout.hub import STATUS_ONLINE, STATUS_STREAMING, Hub, Peer, StreamState, Subscription
 from watchout.frames import Outgoing
@@ -23,11 +24,12 @@ REPLAY_PAGE = 500
 class Relay:
     """The core operations behind the WebSocket protocol, one method per client message."""
 
-    def __init__(self, store: Store, hub: Hub, verifier: TokenVerifier, intake: AlertIntake, *,
+    def __init__(self, store: Store, hub: Hub, verifier: TokenVerifier, intake: AlertIntake, sink: ClusterSink, *,
                  replay_pace_bytes: int = 256 * 1024) -> None:
         self.replay_pace_bytes = replay_pace_bytes
         self.store = store
         self.hub = hub
+        self.sink = sink
         self.verifier = verifier
         self.intake = intake
         self._background: set[asyncio.Task[None]] = set()
@@ -69,11 +71,23 @@ class Relay:
 
     async def _owner(self, stream_id: str) -> str | None:
         """The stream's owner: from the hub when it is live here, else from the store; None if unknown."""
+        return (await self._lookup(stream_id))[0]
+
+    async def _lookup(self, stream_id: str) -> tuple[str | None, dict[str, Any] | None]:
+        """(owner, the stored stream when it was read): the hub answers for a stream live here."""
         state = self.hub.streams.get(stream_id)
         if state is not None:
-            return state.owner_id
+            return state.owner_id, None
         doc = await self.store.get_stream(stream_id)
-        return None if doc is None else str(doc["ownerId"])
+        return (None, None) if doc is None else (str(doc["ownerId"]), doc)
+
+    def _follow(self, stream_id: str, owner: str, doc: dict[str, Any] | None) -> StreamState:
+        """The stream's live state here; one this node did not follow yet starts from the store's view."""
+        fresh = stream_id not in self.hub.streams
+        state = self.hub.state(stream_id, owner)
+        if fresh:
+            initial_state(state, doc, status=self.hub.broker.is_shared)
+        return state
 
     # ------------------------------------------------------------------ producers
     async def register(self, peer: Peer, msg: Register) -> None:
@@ -83,7 +97,7 @@ class Relay:
                                  code="invalid-client-type")
         if peer.producing is not None and peer.producing != msg.stream_id:
             raise InvalidMessage("this connection already produces another stream", code="invalid-client-type")
-        owner = await self._owner(msg.stream_id)
+        owner, doc = await self._lookup(msg.stream_id)
         check_produce(principal, msg.stream_id, owner)
         created = False
         if owner is None:
@@ -92,8 +106,9 @@ class Relay:
             owner = str(doc["ownerId"])
             created = owner == principal.sub and doc["status"] == STATUS_ONLINE
             check_produce(principal, msg.stream_id, owner)  # another node may have created it first
-        state = self.hub.state(msg.stream_id, owner)
+        state = self._follow(msg.stream_id, owner, doc)
         previous = self.hub.set_producer(state, peer, wants_alerts="alert" in msg.consumes)
+        self.hub.broker.claim_producer(msg.stream_id, peer.id)  # a producer of it on another node closes
         peer.client_type = "mobile"
         if previous is not None:
             busy = StreamBusy("a newer producer took over this stream", code="producer-replaced")
@@ -127,10 +142,10 @@ class Relay:
         principal = self.authenticate(peer, msg.token)
         if peer.producing is not None:
             raise InvalidMessage("a producing connection cannot also subscribe", code="invalid-client-type")
-        owner = await self._owner(msg.stream_id)
+        owner, doc = await self._lookup(msg.stream_id)
         check_watch(principal, msg.stream_id, owner)
         assert owner is not None
-        state = self.hub.state(msg.stream_id, owner)
+        state = self._follow(msg.stream_id, owner, doc)
         sub = Subscription(msg.client_type, "video-frame" in msg.consumes, "alert" in msg.consumes, msg.binary)
         peer.client_type = msg.client_type
         replay = msg.since_seq is not None and sub.alerts
@@ -212,18 +227,22 @@ class Relay:
         self.intake.submit(peer, state, msg, principal.sub)
 
     def close_stream(self, stream_id: str, code: int, reason: str) -> None:
-        """Close every local connection of a stream (its producer and watchers), e.g. when it is deleted."""
-        state = self.hub.streams.get(stream_id)
-        if state is None:
-            return
-        for peer in list(state.participants()):
-            peer.send(error_message("stream-deleted" if code == 4410 else "closed", reason))
-            peer.close(code, reason)
+        """Close every connection of a stream (its producer and watchers) on every node, e.g. when it is deleted."""
+        self.hub.broker.close_stream(stream_id, code, reason)
+        self.sink.on_close(stream_id, code, reason)
+
+    def release_producer(self, state: StreamState) -> Peer | None:
+        """Detach the stream's producer (it stopped answering) and say `status: offline` on every node."""
+        peer = self.hub.release_producer(state)
+        if peer is not None:
+            self.hub.broker.release_producer(state.stream_id, peer.id)
+        return peer
 
     # ------------------------------------------------------------------ lifecycle
     def disconnect(self, peer: Peer) -> None:
         orphaned = self.hub.remove_peer(peer)
         if orphaned is not None:
+            self.hub.broker.release_producer(orphaned.stream_id, peer.id)
             self.hub.publish_status(orphaned, "offline")
             self._in_background(self.store.set_stream_status(orphaned.stream_id, "offline"), orphaned.stream_id)
 
@@ -242,6 +261,8 @@ class Relay:
     async def drain(self) -> None:
         """Finish pending alert writes and status updates (graceful shutdown)."""
         await self.intake.drain()
+        await self.intake.feed.drain()
+        await self.sink.drain()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 

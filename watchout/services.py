@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 from watchout.alerts import AlertIntake
 from watchout.auth import TokenVerifier
+from watchout.broker import Broker, MemoryBroker
+from watchout.cluster import ClusterSink
+from watchout.feed import AlertFeed
 from watchout.hub import Hub
 from watchout.jobboard import JobBoard
 from watchout.metrics import Metrics
@@ -36,6 +39,10 @@ class Services:
     def intake(self) -> AlertIntake:
         return self.relay.intake
 
+    @property
+    def broker(self) -> Broker:
+        return self.hub.broker
+
     def replace_verifier(self, settings: Settings) -> None:
         """Check new tokens with settings' JWT key and claims from now on (SIGHUP: key rotation).
 
@@ -49,15 +56,26 @@ class Services:
 
 def build_services(settings: Settings, store: Store) -> Services:
     """Wire the core around an open store (tests pass one store to several apps to simulate restarts)."""
-    hub = Hub()
+    hub = Hub(make_broker(settings))
     metrics = Metrics()
     verifier = TokenVerifier(settings)
-    intake = AlertIntake(store, hub, on_latency=metrics.alert_latency.observe)
-    relay = Relay(store, hub, verifier, intake, replay_pace_bytes=settings.outbox_soft_bytes // 2)
+    feed = AlertFeed(store, hub)
+    intake = AlertIntake(store, hub, feed, hub.broker, on_latency=metrics.alert_latency.observe)
+    sink = ClusterSink(hub, feed, store)
+    hub.broker.attach(sink)
+    relay = Relay(store, hub, verifier, intake, sink, replay_pace_bytes=settings.outbox_soft_bytes // 2)
     limits = Limits(settings.max_control_message_bytes, settings.max_metadata_bytes, settings.max_snapshot_bytes)
     metrics.watch(hub, intake)
     store.observer = metrics.observe_store
     return Services(settings, store, hub, verifier, relay, limits, metrics)
+
+
+def make_broker(settings: Settings) -> Broker:
+    """RedisBroker when broker_url is set (several nodes), else the in-process MemoryBroker."""
+    if not settings.broker_url:
+        return MemoryBroker(settings.node_name)
+    from watchout.redisbroker import RedisBroker  # redis is needed only with several nodes
+    return RedisBroker(settings.broker_url, settings.broker_prefix, settings.node_name, settings.broker_heartbeat_s)
 
 
 @asynccontextmanager
@@ -75,9 +93,11 @@ async def open_services(settings: Settings, store: Store | None = None) -> Async
     await store.ensure_indexes()
     await store.ensure_job_indexes(settings.alert_retention_d)
     services = build_services(settings, store)
+    await services.broker.start()
     try:
         yield services
     finally:
         await services.relay.drain()
+        await services.broker.close()
         if own_store:
             store.close()

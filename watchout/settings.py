@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class Settings:
     mongo_db: str = "watchout"
     # [broker]
     broker_url: str = field(default="", repr=False)
+    broker_prefix: str = "watchout:"
+    broker_heartbeat_s: float = 2.0
     # [websocket]
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 10.0
@@ -77,6 +81,11 @@ class Settings:
     @property
     def is_embedded_store(self) -> bool:
         return not self.mongo_url
+
+    @property
+    def node_name(self) -> str:
+        """node_id, or `<hostname>:<pid>` when it is empty."""
+        return self.node_id or f"{socket.gethostname()}:{os.getpid()}"
 
     @property
     def algorithms(self) -> tuple[str, ...]:
@@ -203,8 +212,10 @@ def validate(s: Settings) -> None:
     _validate_jwt(s)
     if s.mongo_url and not s.mongo_url.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError("mongo_url", "must start with mongodb:// or mongodb+srv://")
-    if s.broker_url:
-        raise ConfigError("broker_url", "a Redis broker is not available in this version; leave it empty")
+    if s.broker_url and not s.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("broker_url", "must start with redis://, rediss:// or unix://")
+    if s.broker_heartbeat_s <= 0:
+        raise ConfigError("broker_heartbeat_s", "must be greater than 0")
     _validate_jobs(s)
 
 

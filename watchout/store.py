@@ -13,7 +13,7 @@ from bson import ObjectId
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from watchout.errors import StoreUnavailable
+from watchout.errors import StoreUnavailable, WriterBusy
 from watchout.queries import AlertFilter
 from watchout.settings import Settings
 
@@ -191,15 +191,39 @@ class Store:
     @_measured
     async def reserve_seqs(self, stream_id: str, count: int) -> int:
         """Atomically take `count` sequence numbers; returns the first."""
+        first, _ = await self.reserve_batch(stream_id, count, "", 0.0)
+        return first
+
+    async def reserve_batch(self, stream_id: str, count: int, writer: str, lease_s: float) -> tuple[int, int]:
+        """Take `count` sequence numbers for `writer`'s next batch: returns (first seq, lastSeq before it).
+
+        With `lease_s`, the stream's alerts are written by one node at a time (its committed lastSeq
+        depends on it): the batch is refused with WriterBusy while another writer's lease runs.
+        """
+        query: dict[str, Any] = {"_id": stream_id}
+        change: dict[str, Any] = {"$inc": {"alertSeq": count}}
+        now = utcnow()
+        if lease_s:
+            query["$or"] = [{"writer": {"$in": [None, writer]}}, {"writerUntil": {"$lt": now}}]
+            change["$set"] = {"writer": writer, "writerUntil": now + dt.timedelta(seconds=lease_s)}
         try:
             doc = await self._streams.find_one_and_update(
-                {"_id": stream_id}, {"$inc": {"alertSeq": count}},
-                projection={"alertSeq": True}, return_document=pymongo.ReturnDocument.AFTER)
+                query, change, projection={"alertSeq": True, "lastSeq": True},
+                return_document=pymongo.ReturnDocument.AFTER)
+            if doc is None and lease_s and await self._streams.find_one({"_id": stream_id}, {"_id": True}):
+                raise WriterBusy(f"another node is writing alerts of {stream_id}")
         except PyMongoError as exc:
             raise StoreUnavailable("could not allocate alert numbers") from exc
         if doc is None:
             raise StoreUnavailable(f"stream {stream_id} disappeared")
-        return int(doc["alertSeq"]) - count + 1
+        return int(doc["alertSeq"]) - count + 1, int(doc.get("lastSeq", 0))
+
+    async def release_writer(self, stream_id: str, writer: str) -> None:
+        """Let another node write the stream's alerts now (its lease would also run out)."""
+        try:
+            await self._streams.update_one({"_id": stream_id, "writer": writer}, {"$set": {"writer": None}})
+        except PyMongoError as exc:
+            raise StoreUnavailable("could not release the stream's alert writer lease") from exc
 
     @_measured
     async def insert_alerts(self, alerts: list[dict[str, Any]]) -> set[str]:

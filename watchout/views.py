@@ -70,3 +70,20 @@ def live_figures(live: StreamState | None, now: float) -> dict[str, Any]:
             "fps": round(live.current_fps(now), 1),
             "lastFrameAgeMs": int((now - live.last_frame_at) * 1000) if live.last_frame_at else None,
             "framesRelayed": live.frames_relayed, "framesDropped": live.frames_dropped}
+
+
+SUMMED = ("totalProducers", "totalVideoConsumers", "totalAlertConsumers", "totalConnections",
+          "framesRelayed", "framesDropped")
+
+
+def cluster_figures(node_id: str, local: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seed's /stats figures summed over this node (`local`, live) and the other nodes' latest
+    reports (`{"node", "at", "figures"}`), with the union of active streams and one entry per node."""
+    nodes = [{"node": node_id, "self": True, **local}]
+    nodes += [{"node": o["node"], "reportedAt": o["at"], **o["figures"]} for o in others]
+    total: dict[str, Any] = {key: sum(int(n.get(key, 0)) for n in nodes) for key in SUMMED}
+    total["activeStreams"] = sorted({s for n in nodes for s in n.get("activeStreams", [])})
+    total["node"] = node_id
+    total["nodeCount"] = len(nodes)
+    total["nodes"] = nodes
+    return total

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,7 +51,7 @@ class JobSpec:
 
 
 def node_name(settings: Settings) -> str:
-    return settings.node_id or f"{socket.gethostname()}:{os.getpid()}"
+    return settings.node_name
 
 
 def every(seconds: float) -> IntervalTrigger:
