@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,10 +17,12 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 import tornado.httpclient
+import tornado.testing
 import tornado.websocket
 
 from tests.conftest import JPEG, Client, Server, alert_message, frame_message, replace_settings, require_services, \
     start_server
+from watchout.client import Backoff, Detection, MLService, Producer, Watcher
 from watchout.frames import encode_binary_frame
 from watchout.settings import Settings
 from watchout.store import Store
@@ -330,8 +335,8 @@ async def kill_node(node: Server) -> None:
         await broker._redis.connection_pool.disconnect()
 
 
-async def test_garbage_on_a_stream_channel_is_logged_and_changes_nothing(cluster: Cluster, token: Any,
-                                                                        caplog: Any) -> None:
+async def test_garbage_on_a_stream_channel_is_logged_and_changes_nothing(
+        cluster: Cluster, token: Any, caplog: Any) -> None:
     n1, n2 = await cluster.start_node("node-1"), await cluster.start_node("node-2")
     phone = await cluster.connect(n1)
     await register(phone, token("alice"), "gate")
@@ -350,3 +355,253 @@ async def test_garbage_on_a_stream_channel_is_logged_and_changes_nothing(cluster
     frame = await recv_frame(dash)
     assert isinstance(frame, str) and json.loads(frame)["timestamp"] == 99
     assert any("malformed" in r.getMessage() for r in caplog.records)
+
+
+class Balancer:
+    """A TCP proxy standing in for the load balancer: new connections go to the current target node."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            dst.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+
+async def test_a_node_dies_and_its_clients_resume_on_the_other_with_every_alert_once(
+        cluster: Cluster, token: Any) -> None:
+    """Producer on node 1; dashboard and ML service on node 2 through the balancer. Node 2 dies abruptly;
+    they reconnect (to node 1) and the dashboard's alerts equal the store's: none missing, none twice."""
+    n1, n2 = await cluster.start_node("node-1"), await cluster.start_node("node-2")
+    balancer = Balancer(n2.port)
+    await balancer.start()
+    fast = Backoff(base_s=0.05, cap_s=0.3)
+    phone = Producer(n1.ws_url, lambda: token("alice"), "porch", backoff=fast)
+    dash = Watcher(balancer.ws_url, lambda: token("alice"), "porch", backoff=fast)
+    ml = MLService(balancer.ws_url, lambda: token("detector", role="service", streams=["porch"]), "porch",
+                   lambda jpeg: Detection("person", metadata={"confidence": 0.9, "objectType": "person"}),
+                   backoff=fast)
+    alerts: list[Any] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        phone.start()
+        await phone.wait_ready(5)
+        dash.start()
+        ml.start()
+        await dash.wait_ready(5)
+        await ml.wait_ready(5)
+
+        async def collect() -> None:
+            async for alert in dash.alerts():
+                alerts.append(alert)
+
+        async def frames() -> None:
+            stamp = 0
+            while True:
+                stamp += 1
+                phone.send_frame(JPEG, timestamp_ms=stamp)
+                await asyncio.sleep(0.02)
+        tasks += [asyncio.create_task(collect()), asyncio.create_task(frames())]
+        await eventually(lambda: len(alerts) >= 10, what="alerts across the nodes")
+
+        balancer.target = n1.port
+        await kill_node(n2)
+        await eventually(lambda: dash.connects >= 2 and ml.connects >= 2, what="reconnected through the balancer")
+        assert all(peer.principal is None or peer.principal.sub in ("alice", "detector")
+                   for peer in n1.services.hub.peers.values())
+        stored_then = await cluster.store.count_alerts("porch")
+        await eventually(lambda: len(alerts) > stored_then + 10, what="alerts after node 2 died")
+        tasks.pop().cancel()  # no more frames, so no more alerts
+        await ml.close()
+        assert ml.unacked_alerts == 0
+        stored = await cluster.store.replay("porch", 0, 100_000)
+        await eventually(lambda: len(alerts) == len(stored), what="the dashboard to catch up")
+        assert [(a.seq, a.alert_id) for a in alerts] == [(d["seq"], d["alertId"]) for d in stored]
+        assert [a.seq for a in alerts] == list(range(1, len(stored) + 1))
+        assert phone.connects == 1  # the producer's node never went away
+    finally:
+        for task in tasks:
+            task.cancel()
+        for client in (phone, dash, ml):
+            await client.close()
+        await balancer.close()
+
+
+class OwnRedis:
+    """A redis-server of this test's own, to stop and start again without disturbing anyone else."""
+
+    def __init__(self) -> None:
+        sock, self.port = tornado.testing.bind_unused_port()
+        sock.close()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        await eventually(lambda: redis_answers(self.url), what="redis-server to answer")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(5)
+            self.process = None
+
+
+@pytest.fixture
+async def own_redis(prefix: str) -> AsyncIterator[OwnRedis]:
+    if shutil.which("redis-server") is None:
+        if require_services():
+            pytest.fail("redis-server is not installed (WATCHOUT_REQUIRE_SERVICES=1)")
+        pytest.skip("redis-server is not installed")
+    server = OwnRedis()
+    await server.start()
+    yield server
+    server.stop()
+
+
+async def test_redis_stopped_and_restarted(own_redis: OwnRedis, cluster: Cluster, token: Any) -> None:
+    """Local delivery never stops, /health says degraded, the node idles; once Redis is back cross-node
+    delivery resumes by itself and the other node's dashboard gets the alerts raised meanwhile, once each."""
+    n1 = await cluster.start_node("node-1", own_redis.url)
+    n2 = await cluster.start_node("node-2", own_redis.url)
+    phone = await cluster.connect(n1)
+    await register(phone, token("alice"), "porch")
+    near, far = await cluster.connect(n1), await cluster.connect(n2)
+    await subscribe(near, token("alice"), "porch")
+    await subscribe(far, token("alice"), "porch")
+    ml = await cluster.connect(n1)
+    await subscribe(ml, token("detector", role="service", streams=["porch"]), "porch", client_type="ml-service",
+                    consumes=[])
+    received: dict[str, list[dict[str, Any]]] = {"near": [], "far": []}
+
+    async def read(name: str, client: Client) -> None:
+        while (raw := await client.conn.read_message()) is not None:
+            assert isinstance(raw, str)
+            received[name].append({**json.loads(raw), "at": time.monotonic()})
+    readers = [asyncio.create_task(read("near", near)), asyncio.create_task(read("far", far))]
+
+    def seen(name: str, kind: str, after: float = 0.0) -> list[dict[str, Any]]:
+        return [m for m in received[name] if m["type"] == kind and m["at"] > after]
+
+    stamp, alert_no = 0, 0
+
+    async def send_for(seconds: float) -> None:
+        nonlocal stamp, alert_no
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            stamp += 1
+            await phone.send(frame_message("porch", timestamp=stamp))
+            if stamp % 5 == 0:
+                alert_no += 1
+                await ml.send(alert_message("porch", id=f"al-{alert_no}"))
+            await asyncio.sleep(0.05)
+
+    http = tornado.httpclient.AsyncHTTPClient()
+    try:
+        await send_for(0.6)
+        assert seen("far", "video-frame") and seen("far", "alert")
+
+        own_redis.stop()
+        await eventually(lambda: not n1.services.broker.healthy, what="node 1 to notice")
+        down_at, cpu_at = time.monotonic(), time.process_time()
+        await send_for(3.0)
+        cpu_s, wall_s = time.process_time() - cpu_at, time.monotonic() - down_at
+        health = json.loads((await http.fetch(n1.url("/health"), raise_error=False)).body)
+        assert health["status"] == "degraded" and health["stats"]["brokerAvailable"] is False
+        near_frames = [m["at"] for m in seen("near", "video-frame", down_at)]
+        assert len(near_frames) >= 50  # ~60 sent: local delivery went on
+        assert max(b - a for a, b in zip(near_frames, near_frames[1:])) < 0.5
+        assert not seen("far", "video-frame", down_at + 0.3)  # nothing crossed meanwhile
+        assert cpu_s < 0.3 * wall_s, f"{cpu_s:.2f} s CPU in {wall_s:.2f} s with Redis away"
+
+        await own_redis.start()
+        back_at = time.monotonic()
+        await eventually(lambda: n1.services.broker.healthy and n2.services.broker.healthy, timeout=10.0,
+                         what="both nodes to reconnect")
+        await send_for(0.5)
+        await eventually(lambda: seen("far", "video-frame", back_at), what="frames to cross again")
+        stored = await cluster.store.replay("porch", 0, 1000)
+        assert len(stored) == alert_no
+        await eventually(lambda: len(seen("far", "alert")) == len(stored), what="the far dashboard to catch up")
+        assert [m["seq"] for m in seen("far", "alert")] == [d["seq"] for d in stored]
+        assert [m["seq"] for m in seen("near", "alert")] == [d["seq"] for d in stored]
+        health = json.loads((await http.fetch(n1.url("/health"))).body)
+        assert health["status"] == "healthy"
+    finally:
+        for task in readers:
+            task.cancel()
+
+
+async def test_ml_services_on_both_nodes_alerting_one_stream_reach_every_watcher_in_order(
+        cluster: Cluster, token: Any) -> None:
+    """Two nodes write one stream's alerts by turns (writer lease): every watcher on either node gets the
+    stored list exactly, in seq order, and the history's lastSeq never runs ahead of a missing alert."""
+    n1, n2 = await cluster.start_node("node-1"), await cluster.start_node("node-2")
+    phone = await cluster.connect(n1)
+    await register(phone, token("alice"), "hall")
+    watchers = {"w1": await cluster.connect(n1), "w2": await cluster.connect(n2)}
+    for w in watchers.values():
+        await subscribe(w, token("alice"), "hall", consumes=["alert"])
+    services = [await cluster.connect(n) for n in (n1, n2)]
+    for ml in services:
+        await subscribe(ml, token("svc", role="service", streams="*"), "hall", client_type="ml-service", consumes=[])
+    await eventually(lambda: _equals(channel_listeners(cluster.prefix, "s:hall"), 2), what="subscriptions")
+
+    async def fire(ml: Client, name: str) -> None:
+        for i in range(40):
+            await ml.send(alert_message("hall", id=f"{name}-{i}"))
+            if i % 7 == 0:
+                await asyncio.sleep(0.003)
+    await asyncio.gather(fire(services[0], "a"), fire(services[1], "b"))
+    for ml in services:
+        for _ in range(40):
+            await ml.recv_type("ack", timeout=10.0)
+    stored = await cluster.store.replay("hall", 0, 1000)
+    assert len(stored) == 80
+    doc = await cluster.store.get_stream("hall")
+    assert doc is not None and doc["lastSeq"] == stored[-1]["seq"]
+    for name, w in watchers.items():
+        seqs = []
+        while len(seqs) < 80:
+            seqs.append((await w.recv_type("alert", timeout=5.0))["seq"])
+        assert seqs == [d["seq"] for d in stored], name

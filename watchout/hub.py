@@ -372,6 +372,15 @@ class Hub:
         self.broker.status(state.stream_id, payload)
         self.deliver_status(state, status, payload, skip=skip)
 
+    def announce_status(self, stream_id: str, status: str) -> None:
+        """A stream's status decided without its producer (a job found it gone): every node's watchers hear it."""
+        state = self.streams.get(stream_id)
+        if state is not None and state.producer is None:
+            self.publish_status(state, status)
+        elif state is None:
+            self.broker.status(stream_id, encode({"type": "status", "streamId": stream_id, "status": status,
+                                                  "timestamp": int(time.time() * 1000)}))
+
     def deliver_status(self, state: StreamState, status: str, payload: bytes, *, skip: Peer | None = None) -> None:
         state.status = status
         message = Outgoing(payload)

@@ -23,7 +23,11 @@ from typing import Any
 
 import orjson
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from watchout.broker import (ALERTS, CLOSE, FRAME, PRODUCER, STATUS, WATCHERS, AlertItems, MemoryBroker, Sink,
                              envelope, open_envelope, pack_alerts, pack_close, unpack_alerts, unpack_close)
@@ -84,8 +88,11 @@ class RedisBroker(MemoryBroker):
         self._sink = sink
 
     async def start(self) -> None:
+        # one immediate retry: after Redis restarts, the first command on each pooled connection fails
         self._redis = redis.Redis.from_url(self._url, socket_connect_timeout=2.0, socket_timeout=5.0,
-                                           socket_keepalive=True, health_check_interval=self._heartbeat_s)
+                                           socket_keepalive=True, health_check_interval=self._heartbeat_s,
+                                           retry=Retry(NoBackoff(), 1),
+                                           retry_on_error=[RedisConnectionError, RedisTimeoutError])
         try:
             await self._redis.ping()
             self._commands_ok = True

@@ -108,9 +108,7 @@ async def mark_unseen_offline(services: Services, now: dt.datetime) -> list[str]
     live_here = {sid for sid, state in hub.streams.items() if state.producer is not None}
     marked = await services.store.mark_unseen_streams_offline(seen_before, live_here)
     for stream_id in marked:
-        state = hub.streams.get(stream_id)
-        if state is not None and state.producer is None:
-            hub.publish_status(state, STATUS_OFFLINE)
+        hub.announce_status(stream_id, STATUS_OFFLINE)
     if marked:
         log.info("marked %d stream(s) offline whose producer was last seen before %s", len(marked),
                  seen_before.isoformat(timespec="seconds"))
