@@ -3,6 +3,7 @@ from tornado.web import RequestHandler
 
 from handlers.alerts import AlertAckHandler, AlertsHandler, SnapshotHandler, StreamAlertsHandler
 from handlers.base import NotFoundHandler
+from handlers.dashboard import DashboardHandler, DashboardRedirectHandler
 from handlers.metrics import MetricsHandler
 from handlers.openapi import OpenApiHandler
 from handlers.socket import RelaySocket
@@ -22,6 +23,8 @@ ROUTES: Routes = [
     (rf"/api/alerts/{_ID}/ack", AlertAckHandler),
     (rf"/api/alerts/{_ID}/snapshot\.jpg", SnapshotHandler),
     (r"/api/openapi\.json", OpenApiHandler),
+    (r"/dashboard", DashboardRedirectHandler),
+    (r"/dashboard/(.*)", DashboardHandler),
 ]
 METRICS_ROUTES: Routes = [(r"/metrics", MetricsHandler)]  # on the main port, or alone on metrics_port
 DEFAULT_HANDLER = NotFoundHandler

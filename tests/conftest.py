@@ -4,15 +4,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import importlib.util
 import json
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import tornado.httpclient
 import tornado.httpserver
+import tornado.netutil
 import tornado.testing
 import tornado.websocket
 
@@ -30,6 +33,42 @@ JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"
 def require_services() -> bool:
     """In CI (WATCHOUT_REQUIRE_SERVICES=1) a missing service fails instead of skipping."""
     return os.environ.get("WATCHOUT_REQUIRE_SERVICES") == "1"
+
+
+# Browser tests: Debian's chromium driven by Playwright (which cannot download its own browser here).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def chromium_missing() -> str | None:
+    """Why the browser tests cannot run here (None: they can)."""
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed (pip install -e '.[test]')"
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} is missing (apt-get install chromium)"
+    return None
+
+
+def need_chromium() -> None:
+    """Skip (or in CI fail) a browser test when Playwright or /usr/bin/chromium is missing."""
+    missing = chromium_missing()
+    if missing is not None:
+        if require_services():
+            pytest.fail(f"WATCHOUT_REQUIRE_SERVICES=1 but {missing}")
+        pytest.skip(missing)
+
+
+async def launch_chromium(playwright: Any) -> Any:
+    """A headless Chromium from Playwright's async API: it shares the test's loop with the server under test."""
+    return await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def artifacts_dir() -> Path:
+    """Where tests keep screenshots: $WATCHOUT_TEST_ARTIFACTS, default test-artifacts/ in the repository."""
+    path = Path(os.environ.get("WATCHOUT_TEST_ARTIFACTS") or Path(__file__).resolve().parent.parent / "test-artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture
@@ -54,14 +93,21 @@ class Server:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-async def start_server(settings: Settings, store: Store | None = None) -> tuple[Server, Any]:
-    """Start the real app on an already-listening loopback socket; returns (server, closer)."""
+async def start_server(settings: Settings, store: Store | None = None, port: int = 0) -> tuple[Server, Any]:
+    """Start the real app on an already-listening loopback socket; returns (server, closer).
+
+    `port` 0 picks a free port; another value listens there again, e.g. to restart a server that a browser
+    page will reconnect to (the same `store` keeps the data, as a real restart with MongoDB would).
+    """
     context = open_services(settings, store)
     services = await context.__aenter__()
     app = make_app(services, ROUTES + METRICS_ROUTES, DEFAULT_HANDLER)
     http = tornado.httpserver.HTTPServer(app, **server_options(services))
-    sock, port = tornado.testing.bind_unused_port()
-    http.add_sockets([sock])
+    if port:
+        http.add_sockets(tornado.netutil.bind_sockets(port, "127.0.0.1"))
+    else:
+        sock, port = tornado.testing.bind_unused_port()
+        http.add_sockets([sock])
 
     async def close() -> None:
         """Like SIGTERM on `watchout serve`: stop accepting, finish alert writes, close sockets with 1001."""

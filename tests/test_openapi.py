@@ -72,8 +72,8 @@ def routed_operations() -> dict[str, set[str]]:
     as an OpenAPI path, with the methods its handler implements."""
     routes: dict[str, set[str]] = {}
     for pattern, handler in handlers.ROUTES + handlers.METRICS_ROUTES:
-        if issubclass(handler, tornado.websocket.WebSocketHandler):
-            continue
+        if issubclass(handler, tornado.websocket.WebSocketHandler) or handler.__module__ == "handlers.dashboard":
+            continue  # /ws is in docs/asyncapi.yaml; /dashboard/ is a web page, not part of the API
         methods = {m for m in METHODS if getattr(handler, m) is not getattr(tornado.web.RequestHandler, m)}
         routes[route_template(pattern, handler, methods)] = methods
     return routes

@@ -16,6 +16,7 @@ pytest.importorskip("PIL", reason="the simulators need Pillow (the [sim] and [te
 
 from PIL import Image, ImageDraw  # noqa: E402
 
+from conftest import artifacts_dir, chromium_missing, launch_chromium, require_services  # noqa: E402
 from test_service import _free_port  # noqa: E402
 from watchout.simulators import MotionDetector, render_frame, run_camera, run_ml  # noqa: E402
 
@@ -99,7 +100,33 @@ async def _get(url: str, admin: str) -> dict:
     return json.loads((await tornado.httpclient.AsyncHTTPClient().fetch(request)).body)
 
 
-async def test_demo_serves_alerts_from_its_simulators_and_stops_on_sigint():
+async def _dashboard_shows_a_demo_alert(link: str) -> None:
+    """Open the demo's dashboard link in Chromium: signed in, the camera's frames, then a motion alert."""
+    from playwright.async_api import async_playwright, expect
+
+    async with async_playwright() as playwright:
+        browser = await launch_chromium(playwright)
+        try:
+            page = await browser.new_page()
+            await page.goto(link)
+            assert "token" not in page.url
+            await expect(page.locator("#connection")).to_have_attribute("data-state", "ready", timeout=10_000)
+            await expect(page.locator("#view-status")).to_have_attribute("data-status", "streaming")
+            alert = page.locator("#alerts li").first
+            await expect(alert.locator(".object")).to_contain_text("motion", timeout=10_000)
+            await expect(alert.locator(".thumb img")).to_have_attribute("src", re.compile("^blob:"))
+            await expect(page.locator("#video")).not_to_have_attribute("data-frames", "0")
+            await page.screenshot(path=str(artifacts_dir() / "demo-dashboard.png"))
+        finally:
+            await browser.close()
+
+
+async def test_demo_serves_alerts_and_its_dashboard_and_stops_on_sigint():
+    """Also opens the printed dashboard link in Chromium when Playwright and /usr/bin/chromium are there
+    (always in CI: WATCHOUT_REQUIRE_SERVICES=1); tests/test_dashboard.py covers the page itself."""
+    missing = chromium_missing()
+    if missing and require_services():
+        pytest.fail(f"WATCHOUT_REQUIRE_SERVICES=1 but {missing}")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHOUT_")}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "watchout", "demo", "--port", str(port),
@@ -114,7 +141,9 @@ async def test_demo_serves_alerts_from_its_simulators_and_stops_on_sigint():
             lines.append(line)
         output = "".join(lines)
         assert f"ws://127.0.0.1:{port}/ws" in output and f"http://127.0.0.1:{port}/api/alerts" in output
-        assert "dashboard" in output
+        assert f"Dashboard: http://127.0.0.1:{port}/dashboard/#token=eyJ" in output
+        link = re.search(rf"http://127\.0\.0\.1:{port}/dashboard/#stream=demo-cam&token=eyJ\S+", output)
+        assert link, output
         admin = re.search(r"(eyJ[\w-]+\.[\w-]+\.[\w-]+)", output).group(1)
         alerts: list[dict] = []
         for _ in range(100):
@@ -124,6 +153,11 @@ async def test_demo_serves_alerts_from_its_simulators_and_stops_on_sigint():
             await asyncio.sleep(0.1)
         assert alerts and alerts[0]["metadata"]["objectType"] == "motion" and "box" in alerts[0]["metadata"]
         assert (await _get(f"http://127.0.0.1:{port}/stats", admin))["totalProducers"] == 1
+        page = await tornado.httpclient.AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/dashboard/")
+        assert b'<script type="module" src="app.js">' in page.body and "script-src 'self'" in \
+            page.headers["Content-Security-Policy"]
+        if not missing:
+            await _dashboard_shows_a_demo_alert(link.group(0))
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
     finally:

@@ -227,13 +227,16 @@ def demo_companion(fps: float) -> Callable[[Settings, str], contextlib.AbstractA
             await asyncio.wait_for(registered.wait(), READY_TIMEOUT_S)
         ml = asyncio.create_task(run_ml(ws_url, ml_token, DEMO_STREAM, stop=stop))
         base = ws_url.replace("ws://", "http://", 1).removesuffix("/ws")
+        # The token rides in the URL's #fragment: browsers never send it to the server (nor to its logs).
+        dashboard_token = mint_token(key, "HS256", "demo", "user", ttl_s=DEMO_TOKEN_TTL_S)
         print("\n".join([
             f"Demo: a simulated camera streams {DEMO_STREAM!r} (640x480, {fps:g} fps) as user 'demo';",
             "  a motion detector (service 'demo-ml') watches it and raises alerts with a box and a snapshot.",
             "  Alert history (with the admin token above):",
             f"    curl -H \"Authorization: Bearer $TOKEN\" {base}/api/alerts",
             f"    curl -H \"Authorization: Bearer $TOKEN\" {base}/api/streams/{DEMO_STREAM}/alerts",
-            "  The web dashboard is not in this version yet; watch with the REST API or watchout.client.",
+            "  Watch it in the web dashboard, signed in as 'demo' (the camera's owner):",
+            f"    {base}/dashboard/#stream={DEMO_STREAM}&token={dashboard_token}",
             "Press Ctrl+C to stop."]), flush=True)
         try:
             yield
