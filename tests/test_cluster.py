@@ -20,7 +20,7 @@ import tornado.httpclient
 import tornado.testing
 import tornado.websocket
 
-from tests.conftest import JPEG, Client, Server, alert_message, frame_message, replace_settings, require_services, \
+from conftest import JPEG, Client, Server, alert_message, frame_message, replace_settings, require_services, \
     start_server
 from watchout.client import Backoff, Detection, MLService, Producer, Watcher
 from watchout.frames import encode_binary_frame
@@ -548,6 +548,9 @@ async def test_redis_stopped_and_restarted(own_redis: OwnRedis, cluster: Cluster
         cpu_s, wall_s = time.process_time() - cpu_at, time.monotonic() - down_at
         health = json.loads((await http.fetch(n1.url("/health"), raise_error=False)).body)
         assert health["status"] == "degraded" and health["stats"]["brokerAvailable"] is False
+        metrics = (await http.fetch(n1.url("/metrics"))).body.decode()
+        assert "watchout_broker_up 0.0" in metrics
+        assert float(metrics.split("\nwatchout_broker_frames_dropped_total ")[1].split()[0]) >= 50
         near_frames = [m["at"] for m in seen("near", "video-frame", down_at)]
         assert len(near_frames) >= 50  # ~60 sent: local delivery went on
         assert max(b - a for a, b in zip(near_frames, near_frames[1:])) < 0.5
@@ -567,6 +570,8 @@ async def test_redis_stopped_and_restarted(own_redis: OwnRedis, cluster: Cluster
         assert [m["seq"] for m in seen("near", "alert")] == [d["seq"] for d in stored]
         health = json.loads((await http.fetch(n1.url("/health"))).body)
         assert health["status"] == "healthy"
+        metrics = (await http.fetch(n2.url("/metrics"))).body.decode()
+        assert "watchout_broker_up 1.0" in metrics and "watchout_broker_reconnects_total 1.0" in metrics
     finally:
         for task in readers:
             task.cancel()
@@ -605,3 +610,15 @@ async def test_ml_services_on_both_nodes_alerting_one_stream_reach_every_watcher
         while len(seqs) < 80:
             seqs.append((await w.recv_type("alert", timeout=5.0))["seq"])
         assert seqs == [d["seq"] for d in stored], name
+
+
+async def test_the_seed_client_flow_with_clients_split_across_nodes(cluster: Cluster, token: Any) -> None:
+    """The seed document's examples, message for message: the phone on node 1, dashboard and ML on node 2."""
+    import test_seed_clients
+    seed_flow = test_seed_clients.test_seed_examples_frames_reach_dashboard_and_ml_and_alerts_reach_mobile_and_dashboard
+    n1, n2 = await cluster.start_node("node-1"), await cluster.start_node("node-2")
+    nodes = iter([n1, n2, n2])  # mobile, dashboard, ML service, in the order the flow connects them
+
+    async def connect() -> Client:
+        return await cluster.connect(next(nodes))
+    await seed_flow(connect, token)

@@ -70,6 +70,9 @@ class MemoryBroker:
     def unwatch(self, stream_id: str) -> None:
         """This node no longer has participants of stream_id."""
 
+    async def ready(self, stream_id: str) -> None:
+        """Return once what other nodes publish for stream_id reaches this node (bounded wait)."""
+
     def frame(self, frame: Frame) -> None:
         pass
 

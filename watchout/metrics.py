@@ -103,5 +103,14 @@ class _HubCollector(Collector):
                                   value=hub.bytes_out_closed + sum(p.outbox.bytes_sent for p in hub.peers.values()))
         yield CounterMetricFamily("watchout_alerts_stored", "Alerts stored (and fanned out)",
                                   value=self._intake.stored)
+        yield CounterMetricFamily("watchout_alerts_filled", "Alerts this node read from the store because it "
+                                  "missed them live from another node", value=self._intake.feed.filled)
+        broker = hub.broker
+        yield GaugeMetricFamily("watchout_broker_up", "1 while the broker answers (always 1 in-process)",
+                                value=1 if broker.healthy else 0)
+        yield CounterMetricFamily("watchout_broker_reconnects", "Times the Redis subscription was restored",
+                                  value=getattr(broker, "reconnects", 0))
+        yield CounterMetricFamily("watchout_broker_frames_dropped", "Frames not sent to other nodes: Redis "
+                                  "was behind or away", value=getattr(broker, "frames_dropped", 0))
         yield GaugeMetricFamily("watchout_scrape_timestamp_seconds", "When these figures were read",
                                 value=time.time())

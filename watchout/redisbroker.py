@@ -65,6 +65,8 @@ class RedisBroker(MemoryBroker):
         self._events: set[str] = set()  # streams this node wants events of
         self._video: set[str] = set()  # ... and frames of
         self._subscribed: set[str] = set()  # channels subscribed on the current pub/sub connection
+        self._confirmed: set[str] = set()  # ... and confirmed by Redis
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
         self._subs_changed = asyncio.Event()
         self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
         self._queued_frames = 0
@@ -138,13 +140,40 @@ class RedisBroker(MemoryBroker):
         self._video.discard(stream_id)
         self._subs_changed.set()
 
+    async def ready(self, stream_id: str) -> None:
+        """Wait (up to a second; not at all while Redis is away) until Redis confirmed this node's
+        subscription to the stream's channels: from then on, nothing another node publishes misses it."""
+        channels = [self._key(f"s:{stream_id}")] + ([self._key(f"v:{stream_id}")] if stream_id in self._video else [])
+        missing = [c for c in channels if c not in self._confirmed]
+        if not missing or not self._link_ok:
+            return
+        loop = asyncio.get_running_loop()
+        futures = []
+        for channel in missing:
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiting.setdefault(channel, []).append(future)
+            futures.append(future)
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=1.0)
+        except asyncio.TimeoutError:
+            log.warning("Redis did not confirm the subscription within 1 s", extra={"stream": stream_id})
+
+    def _confirm(self, channel: str) -> None:
+        self._confirmed.add(channel)
+        for future in self._waiting.pop(channel, []):
+            if not future.done():
+                future.set_result(None)
+
     def _wanted(self) -> set[str]:
         return {self._key(f"s:{s}") for s in self._events} | {self._key(f"v:{s}") for s in self._video}
 
     # ------------------------------------------------------------------ publishing (never awaits)
     def frame(self, frame: Frame) -> None:
         sid = frame.stream_id
-        if not self._commands_ok or time.monotonic() < self._quiet_until.get(sid, 0.0):
+        if not self._commands_ok:
+            self.frames_dropped += 1
+            return
+        if time.monotonic() < self._quiet_until.get(sid, 0.0):
             return
         if self._queued_frames >= MAX_QUEUED_FRAMES:
             self.frames_dropped += 1
@@ -269,6 +298,7 @@ class RedisBroker(MemoryBroker):
             for entry in self._queue:
                 self._remember_missed(entry)
             self._queue.clear()
+            self.frames_dropped += self._queued_frames
             self._queued_frames = 0
 
     # ------------------------------------------------------------------ receiving
@@ -279,6 +309,7 @@ class RedisBroker(MemoryBroker):
         while True:
             pubsub: Any = self._redis.pubsub()
             self._subscribed = set()
+            self._confirmed = set()
             reader: asyncio.Task[None] | None = None
             try:
                 await pubsub.ping()
@@ -319,6 +350,7 @@ class RedisBroker(MemoryBroker):
             await pubsub.subscribe(*add)
         if drop:
             await pubsub.unsubscribe(*drop)
+            self._confirmed -= drop
         self._subscribed = wanted
 
     async def _read(self, pubsub: Any) -> None:
@@ -332,9 +364,11 @@ class RedisBroker(MemoryBroker):
             channel = message["channel"].decode()
             if kind == "message":
                 self._dispatch(channel, message["data"])
-            elif kind == "subscribe" and channel.startswith(self._key("s:")) and self._sink is not None:
-                # subscribed (again): catch up on what happened before, from the store
-                self._sink.on_resync([channel[len(self._key("s:")):]])
+            elif kind == "subscribe":
+                self._confirm(channel)
+                if channel.startswith(self._key("s:")) and self._sink is not None:
+                    # subscribed (again): catch up on what happened before, from the store
+                    self._sink.on_resync([channel[len(self._key("s:")):]])
 
     def _dispatch(self, channel: str, data: bytes) -> None:
         sink = self._sink

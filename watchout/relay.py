@@ -150,6 +150,7 @@ class Relay:
         peer.client_type = msg.client_type
         replay = msg.since_seq is not None and sub.alerts
         self.hub.add_watcher(state, peer, sub, replaying=replay)
+        await self.hub.broker.ready(msg.stream_id)  # with several nodes: until Redis confirms the subscription
         _reply(peer, {"type": "subscribed", "streamId": msg.stream_id, "connectionId": peer.id,
                       "status": state.status, "format": "binary" if msg.binary else "json"}, msg.ref)
         if replay:
