@@ -622,3 +622,22 @@ async def test_the_seed_client_flow_with_clients_split_across_nodes(cluster: Clu
     async def connect() -> Client:
         return await cluster.connect(next(nodes))
     await seed_flow(connect, token)
+
+
+async def test_a_dashboard_joining_on_another_node_gets_the_next_frame(cluster: Cluster, token: Any) -> None:
+    """While nobody else listens the producer's node keeps frames off Redis; a node that starts listening
+    says so, and the very next frame crosses (no wait for the once-a-second re-check)."""
+    n1, n2 = await cluster.start_node("node-1"), await cluster.start_node("node-2")
+    phone = await cluster.connect(n1)
+    await register(phone, token("alice"), "shed")
+    for stamp in (1, 2, 3):  # nobody on node 2 yet: these find no listener and quiet the stream
+        await phone.send(frame_message("shed", timestamp=stamp))
+    broker: Any = n1.services.broker
+    await eventually(lambda: n1.services.hub.streams["shed"].frames_in == 3 and "shed" in broker._quiet_until
+                     and not broker._queue, what="node 1 to hold frames back")
+    dash = await cluster.connect(n2)
+    await subscribe(dash, token("alice"), "shed")
+    await eventually(lambda: "shed" not in broker._quiet_until, timeout=0.9, what="node 2's notice")
+    await phone.send(frame_message("shed", timestamp=4))
+    raw = await recv_frame(dash, timeout=0.9)
+    assert isinstance(raw, str) and json.loads(raw)["timestamp"] == 4

@@ -12,6 +12,7 @@ node skips its own messages), then the payload:
        alert its seq (8 bytes), payload length (4 bytes) and the `alert` message as sent to clients
     S  a `status` message;  W  a message for the stream's alert watchers (`alert-acknowledged`)
     P  producer claimed (payload: the new producer's connection id);  C  stream closed (code, reason)
+    I  a node started listening to the stream's frames (the producer's node publishes them at once)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 
 from watchout.frames import Frame
 
-FRAME, ALERTS, STATUS, WATCHERS, PRODUCER, CLOSE = b"F", b"A", b"S", b"W", b"P", b"C"
+FRAME, ALERTS, STATUS, WATCHERS, PRODUCER, CLOSE, INTEREST = b"F", b"A", b"S", b"W", b"P", b"C", b"I"
 _SEQ = struct.Struct("!Q")
 _ITEM = struct.Struct("!QI")
 _CODE = struct.Struct("!H")

@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from watchout.broker import (ALERTS, CLOSE, FRAME, PRODUCER, STATUS, WATCHERS, AlertItems, MemoryBroker, Sink,
+from watchout.broker import (ALERTS, CLOSE, FRAME, INTEREST, PRODUCER, STATUS, WATCHERS, AlertItems, MemoryBroker, Sink,
                              envelope, open_envelope, pack_alerts, pack_close, unpack_alerts, unpack_close)
 from watchout.client import Backoff
 from watchout.frames import Frame
@@ -72,6 +72,7 @@ class RedisBroker(MemoryBroker):
         self._queued_frames = 0
         self._wake = asyncio.Event()
         self._quiet_until: dict[str, float] = {}
+        self._interest_at: dict[str, float] = {}  # when another node last said it started listening to frames
         self._missed_alerts: dict[str, int] = {}  # stream -> last seq of batches other nodes did not get
         self._missed_status: dict[str, bytes] = {}
         self._link_ok = False
@@ -256,6 +257,7 @@ class RedisBroker(MemoryBroker):
                 pipe.publish(self._key(f"s:{sid}"), envelope(PRODUCER, self._node, conn.encode()))
             elif kind == "release":
                 pipe.eval(_RELEASE, 1, self._key(f"producer:{entry[1]}"), f"{self.node_id} {entry[2]}")
+        sent_at = time.monotonic()
         try:
             results = await pipe.execute(raise_on_error=True)
         except (RedisError, OSError):
@@ -269,7 +271,7 @@ class RedisBroker(MemoryBroker):
         for entry in batch:
             if entry[0] == "frame":
                 listeners = int(results[index]) - (1 if entry[1] in self._subscribed else 0)
-                if listeners <= 0:
+                if listeners <= 0 and self._interest_at.get(entry[3], 0.0) < sent_at:
                     self._quiet_until[entry[3]] = now + QUIET_RECHECK_S
                 else:
                     self._quiet_until.pop(entry[3], None)
@@ -366,6 +368,9 @@ class RedisBroker(MemoryBroker):
                 self._dispatch(channel, message["data"])
             elif kind == "subscribe":
                 self._confirm(channel)
+                if channel.startswith(self._key("v:")):  # the producer's node may be holding frames back
+                    sid = channel[len(self._key("v:")):]
+                    self._push(("publish", self._key(f"s:{sid}"), envelope(INTEREST, self._node, b"")))
                 if channel.startswith(self._key("s:")) and self._sink is not None:
                     # subscribed (again): catch up on what happened before, from the store
                     self._sink.on_resync([channel[len(self._key("s:")):]])
@@ -393,6 +398,9 @@ class RedisBroker(MemoryBroker):
             elif kind == CLOSE:
                 code, reason = unpack_close(payload)
                 sink.on_close(stream_id, code, reason)
+            elif kind == INTEREST:
+                self._quiet_until.pop(stream_id, None)
+                self._interest_at[stream_id] = time.monotonic()
         except (ValueError, IndexError) as exc:
             log.warning("malformed message on %s: %s", channel, exc)
         except Exception:
