@@ -641,3 +641,23 @@ async def test_a_dashboard_joining_on_another_node_gets_the_next_frame(cluster: 
     await phone.send(frame_message("shed", timestamp=4))
     raw = await recv_frame(dash, timeout=0.9)
     assert isinstance(raw, str) and json.loads(raw)["timestamp"] == 4
+
+
+async def test_deleting_a_stream_on_one_node_closes_its_connections_on_every_node(
+        cluster: Cluster, token: Any) -> None:
+    n1, n2 = await cluster.start_node("node-1"), await cluster.start_node("node-2")
+    phone = await cluster.connect(n1)
+    await register(phone, token("alice"), "attic")
+    far = await cluster.connect(n2)
+    await subscribe(far, token("alice"), "attic")
+    other_phone = await cluster.connect(n1)
+    await register(other_phone, token("alice"), "cellar")  # another stream: untouched
+    response = await tornado.httpclient.AsyncHTTPClient().fetch(
+        n2.url("/api/streams/attic"), method="DELETE", headers={"Authorization": f"Bearer {token('alice')}"})
+    assert response.code == 204
+    for client in (phone, far):
+        assert (await client.recv_type("error"))["code"] == "stream-deleted"
+        assert (await client.closed())[0] == 4410
+    await other_phone.send(frame_message("cellar", timestamp=1))
+    await other_phone.send({"type": "ping"})
+    assert (await other_phone.recv_type("pong"))["type"] == "pong"
