@@ -1,5 +1,5 @@
-"""The `watchout` command: serve, token, cleanup, report, jobs, simulate, demo. The composition root: the one
-core module importing handlers and workers."""
+"""The `watchout` command: serve (one process, or --workers N), token, cleanup, report, jobs, simulate, demo.
+The composition root: the one core module importing handlers and workers."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from watchout.notify import Notifier
 from watchout.settings import Settings, load_settings, with_values
 
 if TYPE_CHECKING:
+    import socket
+
     from watchout.services import Services
 
 log = logging.getLogger("watchout")
@@ -60,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (setting port; 0 picks a free one)")
     serve.add_argument("--log-format", choices=("text", "json"), help="setting log_format")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="setting log_level")
+    serve.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                       help="serve from N processes sharing the port (0: one per CPU); N > 1 needs broker_url "
+                            "and mongo_url (default 1)")
     token = commands.add_parser("token", help="print a token signed with the configured key")
     token.add_argument("--config", help="TOML file (default: $WATCHOUT_CONFIG)")
     token.add_argument("--sub", required=True, help="user or service id (the token's sub)")
@@ -110,7 +116,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("cleanup", "report", "jobs"):
         from workers.commands import run_command
         return run_command(settings, args)
-    return _serve(settings, lambda: load_settings(args.config, os.environ, overrides))
+    workers = args.workers or os.cpu_count() or 1
+    refusal = _workers_refusal(settings, workers)
+    if refusal:
+        print(f"watchout: {refusal}", file=sys.stderr)
+        return 2
+    return _serve(settings, lambda: load_settings(args.config, os.environ, overrides), workers=workers)
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (0 or more)")
+    return count
+
+
+def _workers_refusal(settings: Settings, workers: int) -> str | None:
+    """Why `--workers N` cannot run with these settings (None: it can). Each worker is a node of its own."""
+    if workers <= 1:
+        return None
+    reasons = []
+    if not settings.broker_url:
+        reasons.append("broker_url is empty: frames, alerts and status cross between processes only "
+                       "through the Redis broker")
+    if not settings.mongo_url:
+        reasons.append("mongo_url is empty: the embedded store lives inside one process, so the workers "
+                       "would not share streams and alerts")
+    if not reasons:
+        return None
+    return (f"--workers {workers} runs {workers} separate processes, but " + "; and ".join(reasons)
+            + ". Set WATCHOUT_BROKER_URL (redis://...) and WATCHOUT_MONGO_URL (mongodb://...), or use --workers 1")
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
@@ -154,7 +192,9 @@ def _simulation(args: argparse.Namespace) -> int:
     return _serve(settings, None, simulators.demo_companion(args.fps))
 
 
-def _serve(settings: Settings, load: Callable[[], Settings] | None, companion: Companion | None = None) -> int:
+def _serve(settings: Settings, load: Callable[[], Settings] | None, companion: Companion | None = None,
+           workers: int = 1) -> int:
+    """`watchout serve`: one process, or `workers` processes under a supervising parent (run_workers)."""
     setup_logging(settings.log_format, settings.log_level)
     tune_malloc()
     admin_token = None
@@ -162,15 +202,107 @@ def _serve(settings: Settings, load: Callable[[], Settings] | None, companion: C
         settings = with_values(settings, jwt_secret=secrets.token_urlsafe(48))
         admin_token = mint_token(settings.jwt_secret, "HS256", "admin", "admin", ttl_s=EMBEDDED_ADMIN_TTL_S)
         log.warning("no jwt_secret configured: generated a signing key for this run only")
+    if settings.broker_url and not settings.mongo_url:
+        log.warning("broker_url is set but mongo_url is not: this node keeps its own embedded store, so "
+                    "streams, alerts and their history are not shared with the other nodes (live frames, "
+                    "alerts and status still cross); set mongo_url to share them")
     notifier = Notifier(os.environ)
+    if workers > 1:
+        return run_workers(settings, workers, admin_token, notifier, load)
     try:
         return asyncio.run(serve(settings, admin_token, notifier, load, companion))
     except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch SIGINT first
         return 0
 
 
+@dataclass(frozen=True, slots=True)
+class Listeners:
+    """The bound listening sockets: the service's, and the metrics port's (empty without metrics_port)."""
+
+    main: list[socket.socket]
+    metrics: list[socket.socket]
+
+
+def bind_listeners(settings: Settings) -> Listeners:
+    """Listen on host:port (and metrics_port); raises OSError (its filename: the port that failed)."""
+    import tornado.netutil
+
+    main = tornado.netutil.bind_sockets(settings.port, settings.host)
+    try:
+        metrics = _bind_metrics(settings, settings.metrics_port) if settings.metrics_port else []
+    except OSError:
+        for sock in main:
+            sock.close()
+        raise
+    return Listeners(main, metrics)
+
+
+def _bind_metrics(settings: Settings, port: int) -> list[socket.socket]:
+    import tornado.netutil
+
+    try:
+        return tornado.netutil.bind_sockets(port, settings.host)
+    except OSError as exc:
+        exc.filename = exc.filename or str(port)
+        raise
+
+
+def run_workers(settings: Settings, count: int, admin_token: str | None, notifier: Notifier,
+                load: Callable[[], Settings] | None) -> int:
+    """`watchout serve --workers N`: bind here, fork `count` workers serving on those sockets, supervise them.
+
+    Each worker is a node of its own, `<node_name>/<index>` (so its figures show apart in /stats);
+    it needs the broker and MongoDB to reach the others' clients and data (main() refuses without).
+    With metrics_port, worker i serves its own /metrics on metrics_port + i (a scrape of the shared
+    port would get whichever worker accepted it). Returns the parent's exit code (watchout.supervisor).
+    """
+    from watchout.supervisor import Supervisor
+
+    try:
+        listeners = [bind_listeners(settings)]
+        if settings.metrics_port:
+            listeners += [Listeners(listeners[0].main, _bind_metrics(settings, settings.metrics_port + i))
+                          for i in range(1, count)]
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", settings.host, exc.filename or settings.port, exc.strerror)
+        return 1
+    base = settings.node_name  # the parent's: the same names for every restart of a worker
+    port = listeners[0].main[0].getsockname()[1]
+    metrics_port = listeners[0].metrics[0].getsockname()[1] if listeners[0].metrics else 0
+
+    def run_worker(index: int, channel: socket.socket) -> int:
+        # systemd hears from the parent only; the worker reports to it over `channel`
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(name, None)
+        node_id = f"{base}/{index}"
+        worker_load = None if load is None else _keeping_node_id(load, node_id)
+        worker_notifier = Notifier.to_supervisor(channel, notifier.watchdog_interval_s)
+        mine = listeners[index] if settings.metrics_port else listeners[0]
+        log.info("worker %d serving as node %s%s", index, node_id,
+                 f", its /metrics on port {mine.metrics[0].getsockname()[1]}" if mine.metrics else "")
+        return asyncio.run(serve(with_values(settings, node_id=node_id), admin_token, worker_notifier, worker_load,
+                                 listeners=mine, announce=False))
+
+    def announce() -> None:
+        _announce(settings, port, admin_token, metrics_port)
+        log.info("%d worker processes serve on %s:%d%s", count, settings.host, port,
+                 f"; worker i serves its /metrics on port {metrics_port} + i" if metrics_port else "")
+
+    supervisor = Supervisor(count, run_worker, notifier, status=f"listening on {settings.host}:{port}, {count} workers",
+                            shutdown_timeout_s=settings.shutdown_timeout_s, on_ready=announce)
+    return supervisor.run()
+
+
+def _keeping_node_id(load: Callable[[], Settings], node_id: str) -> Callable[[], Settings]:
+    """`load` for a worker's SIGHUP: the file and environment again, under the worker's own node id."""
+    def reload() -> Settings:
+        return with_values(load(), node_id=node_id)
+    return reload
+
+
 async def serve(settings: Settings, admin_token: str | None = None, notifier: Notifier | None = None,
-                load: Callable[[], Settings] | None = None, companion: Companion | None = None) -> int:
+                load: Callable[[], Settings] | None = None, companion: Companion | None = None, *,
+                listeners: Listeners | None = None, announce: bool = True) -> int:
     """Run until SIGTERM/SIGINT, then close sockets with 1001 and finish pending writes; returns the exit code.
 
     `companion(settings, ws_url)` is entered once the server listens and exited first on shutdown
@@ -178,22 +310,23 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
 
     `notifier` tells systemd when the service is ready and stopping and sends its watchdog
     keep-alives; on SIGHUP the settings from `load()` are applied where that is safe (watchout.reload).
+    `listeners`: sockets bound already (a worker of `--workers N`), else it binds host:port itself;
+    `announce` prints the URLs once listening.
     """
     import tornado.httpserver
-    import tornado.netutil
 
     from handlers import DEFAULT_HANDLER, METRICS_ROUTES, ROUTES
     from watchout.app import make_app, server_options
     from watchout.services import open_services
     from workers.scheduler import JobScheduler
 
-    try:
-        sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
-        metrics_sockets = (tornado.netutil.bind_sockets(settings.metrics_port, settings.host)
-                           if settings.metrics_port else [])
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", settings.host, exc.filename or settings.port, exc.strerror)
-        return 1
+    if listeners is None:
+        try:
+            listeners = bind_listeners(settings)
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", settings.host, exc.filename or settings.port, exc.strerror)
+            return 1
+    sockets, metrics_sockets = listeners.main, listeners.metrics
     notifier = notifier or Notifier({})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -214,8 +347,9 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
             gc.collect()
             gc.freeze()
             port = sockets[0].getsockname()[1]
-            _announce(settings, port, admin_token,
-                      metrics_sockets[0].getsockname()[1] if metrics_sockets else 0)
+            if announce:
+                _announce(settings, port, admin_token,
+                          metrics_sockets[0].getsockname()[1] if metrics_sockets else 0)
             status = f"listening on {settings.host}:{port}"
             if load is not None:
                 loop.add_signal_handler(signal.SIGHUP, _reload, services, load, notifier, status)
@@ -269,6 +403,8 @@ def _announce(settings: Settings, port: int, admin_token: str | None, metrics_po
     base = f"{host}:{port}"
     log.info("listening on %s:%d", settings.host, port)
     lines = [f"Watchout {__version__} is running.",
+             # With this run's admin token in the #fragment, which browsers never send to the server.
+             f"  Dashboard: http://{base}/dashboard/" + (f"#token={admin_token}" if admin_token else ""),
              f"  WebSocket: ws://{base}/ws",
              f"  Health:    http://{base}/health",
              f"  Metrics:   http://{host}:{metrics_port or port}/metrics",

@@ -1,4 +1,5 @@
-"""sd_notify by hand: READY, RELOADING, STOPPING, STATUS and WATCHDOG datagrams to systemd's NOTIFY_SOCKET."""
+"""sd_notify by hand: READY, RELOADING, STOPPING, STATUS and WATCHDOG datagrams to systemd's NOTIFY_SOCKET
+(or, in a worker of `watchout serve --workers N`, to the parent that supervises it)."""
 from __future__ import annotations
 
 import asyncio
@@ -24,18 +25,35 @@ class Notifier:
         self._address = _address(environ.get("NOTIFY_SOCKET", ""))
         self.watchdog_interval_s = _keep_alive_interval_s(environ, self.pid) if self._address else None
         self._sock: socket.socket | None = None
+        self._is_connected = False
         self._failed = False
+
+    @classmethod
+    def to_supervisor(cls, channel: socket.socket, watchdog_interval_s: float | None) -> Notifier:
+        """A worker's notifier: the same datagrams go over `channel` (a connected datagram socket) to the
+        parent process, which speaks to systemd for every worker (watchout.supervisor). With
+        `watchdog_interval_s`, keep_alive() pings the parent that often."""
+        notifier = cls({})
+        notifier._sock = channel
+        notifier._is_connected = True
+        notifier.watchdog_interval_s = watchdog_interval_s
+        return notifier
 
     @property
     def is_enabled(self) -> bool:
-        return self._address is not None
+        return self._address is not None or self._is_connected
 
     def send(self, *assignments: str) -> bool:
         """Send KEY=VALUE lines as one datagram; True if it went out. Newlines inside a value become spaces."""
-        if self._address is None:
+        if not self.is_enabled:
             return False
         payload = "\n".join(a.replace("\n", " ") for a in assignments).encode()
         try:
+            if self._is_connected:
+                assert self._sock is not None
+                self._sock.send(payload)
+                return True
+            assert self._address is not None
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._sock.setblocking(False)  # a full manager queue must not stall the event loop
