@@ -258,7 +258,7 @@ async def test_a_second_producer_on_the_other_node_takes_over(cluster: Cluster, 
         holder = await lease.get(f"{cluster.prefix}producer:door")
     finally:
         await lease.aclose()
-    assert holder is not None and holder.decode().startswith("node-2 ")
+    assert holder is not None and holder.decode().split("|")[1] == "node-2"
     assert n1.services.hub.streams["door"].producer is None
     # no `offline` reached the dashboard between the two producers
     with pytest.raises(asyncio.TimeoutError):
@@ -661,3 +661,39 @@ async def test_deleting_a_stream_on_one_node_closes_its_connections_on_every_nod
     await other_phone.send(frame_message("cellar", timestamp=1))
     await other_phone.send({"type": "ping"})
     assert (await other_phone.recv_type("pong"))["type"] == "pong"
+
+
+async def test_a_node_idle_for_several_heartbeats_still_subscribes(cluster: Cluster, token: Any) -> None:
+    """The pub/sub link keeps itself alive while it listens to nothing, and a late first subscription works."""
+    n1, n2 = await cluster.start_node("node-1"), await cluster.start_node("node-2")
+    phone = await cluster.connect(n1)
+    await register(phone, token("alice"), "barn")
+    await asyncio.sleep(1.0)  # 5 heartbeats of 0.2 s with nothing to listen to on node 2
+    dash = await cluster.connect(n2)
+    started = time.monotonic()
+    await subscribe(dash, token("alice"), "barn")
+    assert time.monotonic() - started < 0.5  # Redis confirmed it: no 1 s wait
+    await phone.send(frame_message("barn", timestamp=5))
+    raw = await recv_frame(dash)
+    assert isinstance(raw, str) and json.loads(raw)["timestamp"] == 5
+
+
+async def test_two_producers_accepted_while_redis_was_away_the_newer_keeps_the_stream(
+        own_redis: OwnRedis, cluster: Cluster, token: Any) -> None:
+    n1 = await cluster.start_node("node-1", own_redis.url)
+    n2 = await cluster.start_node("node-2", own_redis.url)
+    own_redis.stop()
+    await eventually(lambda: not n1.services.broker.healthy and not n2.services.broker.healthy,
+                     what="both nodes to notice")
+    older = await cluster.connect(n1)
+    await register(older, token("alice"), "loft")
+    await asyncio.sleep(0.05)
+    newer = await cluster.connect(n2)
+    await register(newer, token("alice"), "loft")
+    await own_redis.start()
+    assert (await older.recv_type("error", timeout=10.0))["code"] == "producer-replaced"
+    assert (await older.closed())[0] == 4409
+    await asyncio.sleep(0.6)  # a few more heartbeats: the newer one stays
+    assert n2.services.hub.streams["loft"].producer is not None
+    await newer.send({"type": "ping"})
+    await newer.recv_type("pong")

@@ -10,7 +10,7 @@ pipelines. With Redis unreachable, local delivery goes on, frames for other node
 and the node retries with backoff; once back it re-subscribes, tells the other nodes which alert
 batches and status they missed (they read the alerts from the store), and catches up itself.
 
-Keys: `<prefix>producer:<id>` = "<node> <connection>" (the producer lease, renewed each heartbeat),
+Keys: `<prefix>producer:<id>` = "<claimed at ms>|<node>|<connection>" (the producer lease, renewed each heartbeat),
 `<prefix>node:<node>` (a node's figures, expiring after 3 heartbeats) and the set `<prefix>nodes`.
 """
 from __future__ import annotations
@@ -35,13 +35,19 @@ from watchout.client import Backoff
 from watchout.frames import Frame
 
 log = logging.getLogger("watchout.broker")
-MAX_QUEUED_FRAMES = 64  # frames waiting for Redis beyond this are dropped, oldest first
+MAX_QUEUED_FRAMES = 64  # while this many frames wait for Redis, further frames are not sent to other nodes
 QUIET_RECHECK_S = 1.0  # how long a stream's frames stay unpublished after PUBLISH found no other node
 PIPELINE = 256
 
+# A producer lease is "<claimed at, ms>|<node>|<connection>". Renewing keeps it, takes it when it lapsed
+# or holds an older claim (2: tell its node), and gives up (0) to a newer claim: newer wins, also when
+# two nodes accepted a producer each while Redis was away.
 _RENEW = """
 local v = redis.call('GET', KEYS[1])
 if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+local theirs = tonumber(string.match(v, '^(%d+)|')) or 0
+local mine = tonumber(string.match(ARGV[1], '^(%d+)|')) or 0
+if mine > theirs then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
 return 0
 """
 _RELEASE = """
@@ -75,7 +81,9 @@ class RedisBroker(MemoryBroker):
         self._interest_at: dict[str, float] = {}  # when another node last said it started listening to frames
         self._missed_alerts: dict[str, int] = {}  # stream -> last seq of batches other nodes did not get
         self._missed_status: dict[str, bytes] = {}
+        self._claims: dict[str, str] = {}  # stream -> the lease of its producer on this node
         self._link_ok = False
+        self._last_pong = 0.0
         self._commands_ok = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -111,9 +119,12 @@ class RedisBroker(MemoryBroker):
             await asyncio.wait_for(self._flush(), timeout=2.0)
         except (asyncio.TimeoutError, RedisError, OSError):
             pass
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # a cancellation can be lost when the awaited call finishes at that moment (asyncio.wait_for in
+        # Python 3.11, which redis-py uses): cancel until every task has ended
+        while not all(task.done() for task in self._tasks):
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.wait(self._tasks, timeout=0.1)
         if self._redis is not None:
             try:
                 await self._redis.srem(self._key("nodes"), self.node_id)
@@ -195,10 +206,15 @@ class RedisBroker(MemoryBroker):
         self._push(("publish", self._key(f"s:{stream_id}"), envelope(WATCHERS, self._node, message)))
 
     def claim_producer(self, stream_id: str, connection_id: str) -> None:
-        self._push(("claim", stream_id, connection_id))
+        lease = f"{int(time.time() * 1000)}|{self.node_id}|{connection_id}"
+        self._claims[stream_id] = lease
+        self._push(("claim", stream_id, connection_id, lease))
 
     def release_producer(self, stream_id: str, connection_id: str) -> None:
-        self._push(("release", stream_id, connection_id))
+        lease = self._claims.get(stream_id)
+        if lease is not None and lease.endswith(f"|{connection_id}"):
+            del self._claims[stream_id]
+            self._push(("release", stream_id, lease))
 
     def close_stream(self, stream_id: str, code: int, reason: str) -> None:
         self._push(("publish", self._key(f"s:{stream_id}"), envelope(CLOSE, self._node, pack_close(code, reason))))
@@ -252,11 +268,11 @@ class RedisBroker(MemoryBroker):
             if kind in ("frame", "alerts", "status", "publish"):
                 pipe.publish(entry[1], entry[2])
             elif kind == "claim":
-                sid, conn = entry[1], entry[2]
-                pipe.set(self._key(f"producer:{sid}"), f"{self.node_id} {conn}", px=self._ttl_ms)
+                sid, conn, lease = entry[1], entry[2], entry[3]
+                pipe.set(self._key(f"producer:{sid}"), lease, px=self._ttl_ms)
                 pipe.publish(self._key(f"s:{sid}"), envelope(PRODUCER, self._node, conn.encode()))
             elif kind == "release":
-                pipe.eval(_RELEASE, 1, self._key(f"producer:{entry[1]}"), f"{self.node_id} {entry[2]}")
+                pipe.eval(_RELEASE, 1, self._key(f"producer:{entry[1]}"), entry[2])
         sent_at = time.monotonic()
         try:
             results = await pipe.execute(raise_on_error=True)
@@ -291,9 +307,7 @@ class RedisBroker(MemoryBroker):
         if ok and not self._commands_ok:
             self._commands_ok = True
             log.info("Redis answers again: cross-node delivery resumes")
-            for sid, conn in self._sink.local_producers() if self._sink else []:
-                self._queue.append(("claim", sid, conn))  # our producers' leases and takeovers
-            self._wake.set()
+            self._wake.set()  # producer leases: the next heartbeat renews them, newer claims winning
         elif not ok and self._commands_ok:
             self._commands_ok = False
             log.error("Redis unavailable (%s): local delivery goes on, cross-node delivery paused", exc)
@@ -305,11 +319,17 @@ class RedisBroker(MemoryBroker):
 
     # ------------------------------------------------------------------ receiving
     async def _link(self) -> None:
-        """Keep one pub/sub connection subscribed to the wanted channels; hand messages to the sink."""
+        """Keep one pub/sub connection subscribed to the wanted channels; hand messages to the sink.
+
+        The reader task alone reads the connection; this task only writes to it (subscribe, unsubscribe
+        and a PING each heartbeat, whose `pong` the reader notes): a connection that stops answering
+        for three heartbeats is replaced. (redis-py's own health check reads the connection too, so the
+        pub/sub client has it off.)
+        """
         backoff, attempt = Backoff(base_s=0.1, cap_s=5.0), 0
-        assert self._redis is not None
-        while True:
-            pubsub: Any = self._redis.pubsub()
+        client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0, socket_keepalive=True)
+        while not self._closing:
+            pubsub: Any = client.pubsub(push_handler_func=_pass_through)
             self._subscribed = set()
             self._confirmed = set()
             reader: asyncio.Task[None] | None = None
@@ -320,16 +340,24 @@ class RedisBroker(MemoryBroker):
                     self.reconnects += 1
                     log.info("Redis subscription restored")
                 attempt = 0
+                self._last_pong = time.monotonic()
                 reader = asyncio.create_task(self._read(pubsub))
-                while True:
+                while not self._closing:
                     await self._apply_subscriptions(pubsub)
                     changed = asyncio.create_task(self._subs_changed.wait())
-                    done, _ = await asyncio.wait({reader, changed}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait({reader, changed}, timeout=self._heartbeat_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
                     if reader in done:
                         changed.cancel()
                         reader.result()  # raises the connection error
                         raise ConnectionError("Redis subscription ended")
-                    self._subs_changed.clear()
+                    if changed in done:
+                        self._subs_changed.clear()
+                    else:
+                        changed.cancel()
+                        if time.monotonic() - self._last_pong > 3 * self._heartbeat_s:
+                            raise ConnectionError("Redis stopped answering on the subscription")
+                        await pubsub.ping()
             except (RedisError, OSError) as exc:
                 if self._link_ok:
                     log.error("Redis subscription lost (%s): retrying", exc)
@@ -342,8 +370,10 @@ class RedisBroker(MemoryBroker):
                     await pubsub.aclose()
                 except (RedisError, OSError):
                     pass
-            await asyncio.sleep(backoff.delay_s(attempt))
-            attempt += 1
+            if not self._closing:
+                await asyncio.sleep(backoff.delay_s(attempt))
+                attempt += 1
+        await client.aclose()
 
     async def _apply_subscriptions(self, pubsub: Any) -> None:
         wanted = self._wanted()
@@ -361,6 +391,9 @@ class RedisBroker(MemoryBroker):
             if message is None:
                 continue
             kind = message["type"]
+            if kind == "pong":
+                self._last_pong = time.monotonic()
+                continue
             if message.get("channel") is None:
                 continue
             channel = message["channel"].decode()
@@ -408,7 +441,7 @@ class RedisBroker(MemoryBroker):
 
     # ------------------------------------------------------------------ heartbeat: figures and leases
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self._beat()
                 self._set_commands_ok(True)
@@ -418,17 +451,26 @@ class RedisBroker(MemoryBroker):
 
     async def _beat(self) -> None:
         assert self._redis is not None and self._sink is not None
-        producers = self._sink.local_producers()
+        producers = [(sid, conn, self._lease(sid, conn)) for sid, conn in self._sink.local_producers()]
+        self._claims = {sid: lease for sid, _, lease in producers}
         figures = {"node": self.node_id, "at": time.time(), "figures": self._sink.figures()}
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(self._key(f"node:{self.node_id}"), orjson.dumps(figures), px=self._ttl_ms)
         pipe.sadd(self._key("nodes"), self.node_id)
-        for sid, conn in producers:
-            pipe.eval(_RENEW, 1, self._key(f"producer:{sid}"), f"{self.node_id} {conn}", self._ttl_ms)
+        for sid, _, lease in producers:
+            pipe.eval(_RENEW, 1, self._key(f"producer:{sid}"), lease, self._ttl_ms)
         results = await pipe.execute()
-        for (sid, conn), kept in zip(producers, results[2:]):
-            if not kept:  # another node's producer holds the lease: it took over while we could not hear
+        for (sid, conn, _), kept in zip(producers, results[2:]):
+            if kept == 0:  # a newer producer on another node holds the lease (we could not hear it claim)
                 self._sink.on_producer_lost(sid, conn)
+            elif kept == 2:  # ours is newer than the one holding it: its node must close that one
+                self._push(("publish", self._key(f"s:{sid}"), envelope(PRODUCER, self._node, conn.encode())))
+
+    def _lease(self, stream_id: str, connection_id: str) -> str:
+        lease = self._claims.get(stream_id)
+        if lease is None or not lease.endswith(f"|{connection_id}"):
+            lease = f"{int(time.time() * 1000)}|{self.node_id}|{connection_id}"
+        return lease
 
     async def other_nodes(self) -> list[dict[str, Any]] | None:
         """The latest figures of the other live nodes; None when Redis does not answer."""
@@ -445,6 +487,12 @@ class RedisBroker(MemoryBroker):
         except (RedisError, OSError):
             return None
         return [orjson.loads(v) for v in values if v is not None]
+
+
+async def _pass_through(response: Any) -> Any:
+    """redis-py's default handler of pub/sub messages formats each one into a debug log line
+    (`str()` of a 32 KB frame: ~0.2 ms) even when debug logging is off; this one only returns it."""
+    return response
 
 
 def _text(value: bytes | str) -> str:

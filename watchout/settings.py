@@ -214,6 +214,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("mongo_url", "must start with mongodb:// or mongodb+srv://")
     if s.broker_url and not s.broker_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("broker_url", "must start with redis://, rediss:// or unix://")
+    if len(s.node_id.encode()) > 100:
+        raise ConfigError("node_id", "must be at most 100 bytes")
     if s.broker_heartbeat_s <= 0:
         raise ConfigError("broker_heartbeat_s", "must be greater than 0")
     _validate_jobs(s)
