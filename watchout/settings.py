@@ -65,8 +65,8 @@ class Settings:
     max_snapshot_bytes: int = 512 * 1024
     outbox_soft_bytes: int = 2 * 1024 * 1024
     outbox_hard_bytes: int = 16 * 1024 * 1024
-    rate_limit_msgs_per_s: float = 10000.0
-    rate_limit_burst: int = 20000
+    rate_limit_msgs_per_s: float = 20000.0
+    rate_limit_burst: int = 40000
     max_bad_messages: int = 10
     # [jobs]
     offline_after_s: float = 30.0

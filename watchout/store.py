@@ -1,11 +1,12 @@
 """MongoDB access: the only module that imports motor or mongomock-motor, and the only one that knows `_id`."""
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pymongo
@@ -592,6 +593,8 @@ class Store:
     @_measured
     async def old_alerts_by_stream(self, before: dt.datetime) -> list[dict[str, Any]]:
         """For each stream with alerts received before `before`: streamId, count, maxSeq (of those alerts)."""
+        if self.is_embedded:
+            return _old_embedded_alerts(self._alerts, before)
         pipeline = [{"$match": {"receivedAt": {"$lt": before}}},
                     {"$group": {"_id": "$streamId", "count": {"$sum": 1}, "maxSeq": {"$max": "$seq"}}},
                     {"$sort": {"_id": 1}}]
@@ -618,6 +621,8 @@ class Store:
                             owner_id: str | None = None) -> list[dict[str, Any]]:
         """Alerts received in [start, end) counted by streamId, ownerId, severity, acknowledged (bool) and
         objectType (metadata.objectType, None when absent): one dict per combination, with `count`."""
+        if self.is_embedded:
+            return _embedded_alert_figures(self._alerts, start, end, stream_id, owner_id)
         match: dict[str, Any] = {"receivedAt": {"$gte": start, "$lt": end}}
         if stream_id is not None:
             match["streamId"] = stream_id
@@ -653,6 +658,48 @@ class Store:
             return [d async for d in cursor]
         except PyMongoError as exc:
             raise StoreUnavailable("could not read the report") from exc
+
+
+def _old_embedded_alerts(alerts: Any, before: dt.datetime) -> list[dict[str, Any]]:
+    """old_alerts_by_stream() on the embedded store, without a scan of every alert.
+
+    mongomock's aggregation copies and patches every document (37 s for 150,000 alerts, on the event
+    loop); one plain pass over the documents in place takes well under a second.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for received, doc in _embedded_alerts(alerts):
+        if received >= before:
+            continue
+        group = groups.setdefault(doc["streamId"], {"streamId": doc["streamId"], "count": 0, "maxSeq": 0})
+        group["count"] += 1
+        group["maxSeq"] = max(group["maxSeq"], int(doc.get("seq") or 0))
+    return [groups[k] for k in sorted(groups)]
+
+
+def _embedded_alert_figures(alerts: Any, start: dt.datetime, end: dt.datetime, stream_id: str | None,
+                            owner_id: str | None) -> list[dict[str, Any]]:
+    """alert_figures() on the embedded store: one plain pass instead of mongomock's aggregation."""
+    counts: collections.Counter[tuple[Any, ...]] = collections.Counter()
+    for received, doc in _embedded_alerts(alerts):
+        if received < start or received >= end or (stream_id is not None and doc["streamId"] != stream_id) \
+                or (owner_id is not None and doc.get("ownerId") != owner_id):
+            continue
+        metadata = doc.get("metadata")
+        counts[(doc["streamId"], doc.get("ownerId"), doc.get("severity"), doc.get("acknowledged") is not None,
+                metadata.get("objectType") if isinstance(metadata, dict) else None)] += 1
+    keys = ("streamId", "ownerId", "severity", "acknowledged", "objectType")
+    return [{**dict(zip(keys, key)), "count": count} for key, count in counts.items()]
+
+
+def _embedded_alerts(alerts: Any) -> Iterator[tuple[dt.datetime, dict[str, Any]]]:
+    """The embedded store's alert documents, read in place (not copied), with their receivedAt as an
+    aware datetime."""
+    collection: Any = getattr(alerts, "_AsyncMongoMockCollection__collection")
+    for doc in collection._store.documents:
+        received = doc.get("receivedAt")
+        if not isinstance(received, dt.datetime):
+            continue
+        yield (received.replace(tzinfo=dt.timezone.utc) if received.tzinfo is None else received), doc
 
 
 def _install_mongomock_id_lookup() -> None:
