@@ -183,3 +183,27 @@ async def test_deleting_a_stream_removes_its_alerts_and_snapshots(store):
     assert await store.get_snapshot(docs[0]["alertId"]) is None
     assert await store.count_alerts("other") == 1
     assert await store.delete_stream("s1") is False
+
+
+async def test_the_alert_writer_lease_lets_one_writer_at_a_time(store):
+    """reserve_batch with a lease: (first seq, lastSeq before it); another writer waits (WriterBusy) until
+    release_writer or the lease's end; the same writer may go on; without a lease nobody waits."""
+    from watchout.errors import StoreUnavailable, WriterBusy
+    await store.create_stream("s1", "alice")
+    assert await store.reserve_batch("s1", 2, "node-a", 10.0) == (1, 0)
+    with pytest.raises(WriterBusy):
+        await store.reserve_batch("s1", 1, "node-b", 10.0)
+    assert await store.reserve_batch("s1", 1, "node-a", 10.0) == (3, 0)  # the holder goes on
+    await store.mark_stored("s1", 3)
+    await store.release_writer("s1", "node-a")
+    assert await store.reserve_batch("s1", 1, "node-b", 0.2) == (4, 3)
+    with pytest.raises(WriterBusy):
+        await store.reserve_batch("s1", 1, "node-a", 10.0)
+    await asyncio.sleep(0.3)  # node-b's lease ran out (say it stopped mid-batch)
+    assert await store.reserve_batch("s1", 1, "node-a", 10.0) == (5, 3)
+    await store.release_writer("s1", "node-b")  # not the holder: changes nothing
+    with pytest.raises(WriterBusy):
+        await store.reserve_batch("s1", 1, "node-b", 10.0)
+    assert await store.reserve_seqs("s1", 1) == 6  # no lease asked: one node, nobody waits
+    with pytest.raises(StoreUnavailable):
+        await store.reserve_batch("missing", 1, "node-a", 10.0)
