@@ -697,3 +697,26 @@ async def test_two_producers_accepted_while_redis_was_away_the_newer_keeps_the_s
     assert n2.services.hub.streams["loft"].producer is not None
     await newer.send({"type": "ping"})
     await newer.recv_type("pong")
+
+
+async def test_a_node_started_while_redis_is_down_serves_locally_then_joins(own_redis: OwnRedis, cluster: Cluster,
+                                                                            token: Any) -> None:
+    own_redis.stop()
+    n1 = await cluster.start_node("node-1", own_redis.url)  # starts anyway: Redis is optional for local clients
+    phone = await cluster.connect(n1)
+    await register(phone, token("alice"), "dock")
+    near = await cluster.connect(n1)
+    await subscribe(near, token("alice"), "dock")
+    await phone.send(frame_message("dock", timestamp=1))
+    raw = await recv_frame(near)
+    assert isinstance(raw, str) and json.loads(raw)["timestamp"] == 1
+    health = json.loads((await tornado.httpclient.AsyncHTTPClient().fetch(n1.url("/health"))).body)
+    assert health["status"] == "degraded"
+    await own_redis.start()
+    n2 = await cluster.start_node("node-2", own_redis.url)
+    await eventually(lambda: n1.services.broker.healthy, timeout=10.0, what="node 1 to reach Redis")
+    far = await cluster.connect(n2)
+    await subscribe(far, token("alice"), "dock")
+    await phone.send(frame_message("dock", timestamp=2))
+    raw = await recv_frame(far, timeout=3.0)
+    assert isinstance(raw, str) and json.loads(raw)["timestamp"] == 2

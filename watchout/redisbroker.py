@@ -451,6 +451,9 @@ class RedisBroker(MemoryBroker):
 
     async def _beat(self) -> None:
         assert self._redis is not None and self._sink is not None
+        now = time.monotonic()  # forget frame-interest marks that no longer matter (streams come and go)
+        self._quiet_until = {sid: t for sid, t in self._quiet_until.items() if t > now}
+        self._interest_at = {sid: t for sid, t in self._interest_at.items() if now - t < 10.0}
         producers = [(sid, conn, self._lease(sid, conn)) for sid, conn in self._sink.local_producers()]
         self._claims = {sid: lease for sid, _, lease in producers}
         figures = {"node": self.node_id, "at": time.time(), "figures": self._sink.figures()}
