@@ -94,7 +94,8 @@ async def list_streams(services: Services, p: Principal, args: Args) -> dict[str
     if ids is not None and not ids:
         return {"items": [], "nextCursor": None}
     docs = await services.store.list_streams(owner_filter, status, limit + 1, after, stream_ids=ids)
-    items = [stream_resource(d, services.hub.streams.get(d["streamId"])) for d in docs[:limit]]
+    now = time.time()
+    items = [stream_resource(d, services.hub.streams.get(d["streamId"]), now) for d in docs[:limit]]
     cursor = None
     if len(docs) > limit:
         cursor = encode_cursor({"k": "s", "c": items[-1]["createdAt"], "i": items[-1]["streamId"]})

@@ -6,11 +6,9 @@ import {WatchoutClient} from "./watchout-client.js";
 
 const TOKEN_KEY = "watchout.token";    // sessionStorage: this tab only, never a URL or localStorage
 const STREAM_KEY = "watchout.stream";
-// The list and its figures are polled: GET /api/streams every STREAMS_POLL_MS, and GET /api/streams/{id}
-// (which has the live figures: fps, watchers, last frame) for up to MAX_FIGURES live streams. The watched
-// stream's status also arrives at once over the WebSocket (`status`).
+// The list and its live figures (fps, watchers, last frame) are polled: GET /api/streams every
+// STREAMS_POLL_MS. The watched stream's status also arrives at once over the WebSocket (`status`).
 const STREAMS_POLL_MS = 5000;
-const MAX_FIGURES = 20;
 const HISTORY_PAGE = 50;
 const MAX_ALERTS = 500;                // shown at most; the oldest go first (and free their snapshots)
 const SNAPSHOT_FETCHES = 4;            // snapshots fetched at a time
@@ -183,17 +181,13 @@ async function pollStreams() {
   const client = page.client;
   if (!client || !page.signedIn) return;
   try {
-    const list = await client.streams();
-    const live = list.items.filter((s) => s.status !== "offline").slice(0, MAX_FIGURES);
-    const details = await Promise.all(live.map((s) => client.stream(s.streamId).catch(() => null)));
+    const list = await client.streams();  // each item carries this node's live figures
     if (client !== page.client) return;
-    const figures = new Map(details.filter(Boolean).map((d) => [d.streamId, d.live]));
     const seen = new Set();
     for (const resource of list.items) {
       seen.add(resource.streamId);
       const entry = page.streams.get(resource.streamId) || {};
-      page.streams.set(resource.streamId, {...entry, resource, live: figures.get(resource.streamId) || null,
-                                           deleted: false});
+      page.streams.set(resource.streamId, {...entry, resource, live: resource.live || null, deleted: false});
     }
     for (const streamId of [...page.streams.keys()]) {
       if (seen.has(streamId)) continue;
