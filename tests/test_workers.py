@@ -393,6 +393,8 @@ def test_two_workers_share_one_port_and_each_reports_itself_in_the_cluster_stats
     assert parent.log().count("keeps its own embedded store") == 1  # said by the parent, not by each worker
     for worker in sorted(ids):  # each worker runs the node jobs for its own connections, under its own name
         assert f"jobs scheduled on node {worker}: check-producers" in parent.log()
+        assert re.search(rf"watchout\.jobs: jobs scheduled on node {re.escape(worker)}: .* node={re.escape(worker)}$",
+                         parent.log(), re.MULTILINE)  # every line of a worker names it
 
     parent.proc.send_signal(signal.SIGHUP)
     assert manager.wait_for("RELOADING", 10)["RELOADING"] == "1"

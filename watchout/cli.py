@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from watchout import __version__
 from watchout.auth import mint_token, parse_ttl
 from watchout.errors import ConfigError, StoreUnavailable
-from watchout.logs import setup_logging
+from watchout.logs import name_node, setup_logging
 from watchout.notify import Notifier
 from watchout.settings import Settings, load_settings, with_values
 
@@ -275,6 +275,7 @@ def run_workers(settings: Settings, count: int, admin_token: str | None, notifie
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             os.environ.pop(name, None)
         node_id = f"{base}/{index}"
+        name_node(node_id)
         worker_load = None if load is None else _keeping_node_id(load, node_id)
         worker_notifier = Notifier.to_supervisor(channel, notifier.watchdog_interval_s)
         mine = listeners[index] if settings.metrics_port else listeners[0]

@@ -15,7 +15,14 @@ _SECRETS = re.compile(
     r"|((?:token|access_token|jwt)=)[^&\s\"']+"
     r"|(\"token\"\s*:\s*\")[^\"]*"
 )
-CONTEXT_FIELDS = ("conn", "user", "stream")
+CONTEXT_FIELDS = ("conn", "user", "stream", "node")
+_node: str | None = None  # set in each worker of `watchout serve --workers N`: its lines say which it is
+
+
+def name_node(node: str | None) -> None:
+    """Put `node=<node>` on every log line of this process from now on (None: no node field)."""
+    global _node
+    _node = node
 
 
 def redact(text: str) -> str:
@@ -30,6 +37,8 @@ class RedactingFilter(logging.Filter):
     """Renders each record's message once, redacted, so no formatter can print a token."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if _node is not None:
+            record.node = _node
         message = record.getMessage()
         cleaned = redact(message)
         record.msg, record.args = cleaned, None
