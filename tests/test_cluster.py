@@ -720,3 +720,26 @@ async def test_a_node_started_while_redis_is_down_serves_locally_then_joins(own_
     await phone.send(frame_message("dock", timestamp=2))
     raw = await recv_frame(far, timeout=3.0)
     assert isinstance(raw, str) and json.loads(raw)["timestamp"] == 2
+
+
+async def test_a_claim_older_than_the_local_producer_does_not_close_it(cluster: Cluster, token: Any) -> None:
+    """A claim that was still on its way while a newer producer registered here loses; a newer one wins."""
+    n1 = await cluster.start_node("node-1")
+    phone = await cluster.connect(n1)
+    await register(phone, token("alice"), "pier")
+    lease = n1.services.broker._claims["pier"]  # type: ignore[attr-defined]
+    claimed_at = int(lease.split("|")[0])
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        stale = f"{claimed_at - 50}|node-9|c0ffee".encode()
+        await raw.publish(f"{cluster.prefix}s:pier", b"P\x06node-9" + stale)
+        await phone.send({"type": "ping"})
+        await phone.recv_type("pong")
+        await asyncio.sleep(0.2)
+        assert n1.services.hub.streams["pier"].producer is not None
+        newer = f"{claimed_at + 50}|node-9|c0ffee".encode()
+        await raw.publish(f"{cluster.prefix}s:pier", b"P\x06node-9" + newer)
+    finally:
+        await raw.aclose()
+    assert (await phone.recv_type("error"))["code"] == "producer-replaced"
+    assert (await phone.closed())[0] == 4409

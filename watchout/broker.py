@@ -11,7 +11,7 @@ node skips its own messages), then the payload:
     A  an alert batch: prev (the stream's committed lastSeq before the batch, 8 bytes), then per
        alert its seq (8 bytes), payload length (4 bytes) and the `alert` message as sent to clients
     S  a `status` message;  W  a message for the stream's alert watchers (`alert-acknowledged`)
-    P  producer claimed (payload: the new producer's connection id);  C  stream closed (code, reason)
+    P  producer claimed (payload: its lease, "<ms>|<node>|<connection>");  C  stream closed (code, reason)
     I  a node started listening to the stream's frames (the producer's node publishes them at once)
 """
 from __future__ import annotations

@@ -268,9 +268,9 @@ class RedisBroker(MemoryBroker):
             if kind in ("frame", "alerts", "status", "publish"):
                 pipe.publish(entry[1], entry[2])
             elif kind == "claim":
-                sid, conn, lease = entry[1], entry[2], entry[3]
+                sid, lease = entry[1], entry[3]
                 pipe.set(self._key(f"producer:{sid}"), lease, px=self._ttl_ms)
-                pipe.publish(self._key(f"s:{sid}"), envelope(PRODUCER, self._node, conn.encode()))
+                pipe.publish(self._key(f"s:{sid}"), envelope(PRODUCER, self._node, lease.encode()))
             elif kind == "release":
                 pipe.eval(_RELEASE, 1, self._key(f"producer:{entry[1]}"), entry[2])
         sent_at = time.monotonic()
@@ -427,7 +427,9 @@ class RedisBroker(MemoryBroker):
             elif kind == WATCHERS:
                 sink.on_watchers(stream_id, payload.tobytes())
             elif kind == PRODUCER:
-                sink.on_producer(stream_id, payload.tobytes().decode())
+                claimed_at, _, connection = payload.tobytes().decode().partition("|")
+                if self._newer_than_ours(stream_id, int(claimed_at)):
+                    sink.on_producer(stream_id, connection.rpartition("|")[2])
             elif kind == CLOSE:
                 code, reason = unpack_close(payload)
                 sink.on_close(stream_id, code, reason)
@@ -463,11 +465,17 @@ class RedisBroker(MemoryBroker):
         for sid, _, lease in producers:
             pipe.eval(_RENEW, 1, self._key(f"producer:{sid}"), lease, self._ttl_ms)
         results = await pipe.execute()
-        for (sid, conn, _), kept in zip(producers, results[2:]):
+        for (sid, conn, lease), kept in zip(producers, results[2:]):
             if kept == 0:  # a newer producer on another node holds the lease (we could not hear it claim)
                 self._sink.on_producer_lost(sid, conn)
             elif kept == 2:  # ours is newer than the one holding it: its node must close that one
-                self._push(("publish", self._key(f"s:{sid}"), envelope(PRODUCER, self._node, conn.encode())))
+                self._push(("publish", self._key(f"s:{sid}"), envelope(PRODUCER, self._node, lease.encode())))
+
+    def _newer_than_ours(self, stream_id: str, claimed_at: int) -> bool:
+        """Whether a claim made at `claimed_at` (ms) beats this node's producer of the stream, if any: a
+        claim that was on its way while a newer producer registered here must not close that one."""
+        ours = self._claims.get(stream_id)
+        return ours is None or int(ours.split("|", 1)[0]) < claimed_at
 
     def _lease(self, stream_id: str, connection_id: str) -> str:
         lease = self._claims.get(stream_id)
