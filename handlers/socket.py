@@ -110,6 +110,9 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         self.services.hub.add_peer(self.peer)
         log.debug("connection opened", extra={"conn": self.peer.id})
         header = self.request.headers.get("Authorization", "")
+        # Nothing reads the upgrade request's headers again, but tornado's request coroutine keeps the
+        # object for the connection's lifetime: empty it (~1.5 KiB less per connection)
+        self.request.headers.clear()
         scheme, _, token = header.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             try:
