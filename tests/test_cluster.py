@@ -22,6 +22,7 @@ import tornado.websocket
 
 from conftest import JPEG, Client, Server, alert_message, frame_message, replace_settings, require_services, \
     start_server
+from test_client import _collect, _stream_frames
 from watchout.client import Backoff, Detection, MLService, Producer, Watcher
 from watchout.frames import encode_binary_frame
 from watchout.settings import Settings
@@ -426,18 +427,7 @@ async def test_a_node_dies_and_its_clients_resume_on_the_other_with_every_alert_
         ml.start()
         await dash.wait_ready(5)
         await ml.wait_ready(5)
-
-        async def collect() -> None:
-            async for alert in dash.alerts():
-                alerts.append(alert)
-
-        async def frames() -> None:
-            stamp = 0
-            while True:
-                stamp += 1
-                phone.send_frame(JPEG, timestamp_ms=stamp)
-                await asyncio.sleep(0.02)
-        tasks += [asyncio.create_task(collect()), asyncio.create_task(frames())]
+        tasks += [_collect(dash.alerts(), alerts), _stream_frames(phone)]
         await eventually(lambda: len(alerts) >= 10, what="alerts across the nodes")
 
         balancer.target = n1.port

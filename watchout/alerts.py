@@ -136,6 +136,7 @@ class AlertIntake:
             if self._lease_s:
                 await self._store.release_writer(sid, self._broker.node_id)
         items: AlertItems = []
+        fanned_out: list[_Pending] = []
         for p, doc in zip(batch, docs):
             if doc["clientId"] is not None and doc["clientId"] in duplicates:
                 await self._settle_duplicate(p)
@@ -144,15 +145,15 @@ class AlertIntake:
             self.stored += 1
             self._acknowledge(p)
             items.append((doc["seq"], encode(alert_event(doc))))
+            fanned_out.append(p)
         self._broker.alerts(sid, prev, items)
         live = self._hub.streams.get(sid)  # the watchers' state, also when they came during the write
         if live is not None:
             self.feed.deliver(live, prev, items)
         if self._on_latency is not None:
             now = time.perf_counter()
-            for p in batch:
-                if p.result is not None:
-                    self._on_latency(now - p.arrived)
+            for p in fanned_out:
+                self._on_latency(now - p.arrived)
 
     async def _settle_duplicate(self, p: _Pending) -> None:
         """Another node (or an earlier run) stored this client id: answer with that row, no fan-out."""

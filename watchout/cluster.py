@@ -10,11 +10,11 @@ from typing import Any
 import orjson
 
 from watchout.broker import AlertItems
-from watchout.errors import InvalidMessage, StoreUnavailable, StreamBusy
+from watchout.errors import InvalidMessage, StoreUnavailable
 from watchout.feed import AlertFeed
 from watchout.frames import parse_binary_frame
-from watchout.hub import Hub, StreamState
-from watchout.protocol import encode, error_message
+from watchout.hub import Hub, StreamState, close_replaced, status_message
+from watchout.protocol import error_message
 from watchout.store import Store
 
 log = logging.getLogger("watchout.cluster")
@@ -71,10 +71,7 @@ class ClusterSink:
             return
         peer = self._hub.release_producer(state, announce=False)  # the new producer said `online` already
         if peer is not None:
-            busy = StreamBusy("a newer producer took over this stream", code="producer-replaced")
-            peer.send(error_message(busy.code, busy.message))
-            assert busy.close_code is not None
-            peer.close(busy.close_code, busy.message)
+            close_replaced(peer)
             log.info("producer replaced by one on another node", extra={"conn": peer.id, "stream": stream_id})
 
     def on_close(self, stream_id: str, code: int, reason: str) -> None:
@@ -103,9 +100,7 @@ class ClusterSink:
             return
         if state.producer is None and doc.get("status") and doc["status"] != state.status:
             status = str(doc["status"])
-            message = encode({"type": "status", "streamId": stream_id, "status": status,
-                              "timestamp": int(time.time() * 1000)})
-            self._hub.deliver_status(state, status, message)
+            self._hub.deliver_status(state, status, status_message(stream_id, status))
         self._feed.deliver(state, int(doc.get("lastSeq", 0)), [])
 
     def local_producers(self) -> list[tuple[str, str]]:

@@ -9,12 +9,18 @@ from watchout.auth import Principal
 from watchout.broker import AlertItems, Broker, MemoryBroker
 from watchout.frames import Frame, Outgoing
 from watchout.outbox import Flusher, Outbox, Writer
-from watchout.protocol import encode
+from watchout.errors import StreamBusy
+from watchout.protocol import encode, error_message
 
 STATUS_OFFLINE, STATUS_ONLINE, STATUS_STREAMING = "offline", "online", "streaming"
 EVENTS, VIDEO = 1, 2  # the broker channels of a stream a node listens to
 FPS_WINDOW_S = 2.0
 MAX_REPLAY_BUFFER = 10_000
+
+
+def status_message(stream_id: str, status: str) -> bytes:
+    """The `status` message telling a stream's participants its status, as of now."""
+    return encode({"type": "status", "streamId": stream_id, "status": status, "timestamp": int(time.time() * 1000)})
 
 
 class Peer:
@@ -52,6 +58,14 @@ class Peer:
         connection at once instead of leaving a cycle for the garbage collector."""
         self.outbox.detach()
         self.writer = None
+
+
+def close_replaced(peer: Peer) -> None:
+    """Tell a producer that a newer one took over its stream (here or on another node), then close it (4409)."""
+    busy = StreamBusy("a newer producer took over this stream", code="producer-replaced")
+    peer.send(error_message(busy.code, busy.message))
+    assert busy.close_code is not None
+    peer.close(busy.close_code, busy.message)
 
 
 class Subscription:
@@ -367,19 +381,17 @@ class Hub:
 
     def publish_status(self, state: StreamState, status: str, *, skip: Peer | None = None) -> None:
         """Tell the stream's participants here and on other nodes its new status."""
-        payload = encode({"type": "status", "streamId": state.stream_id, "status": status,
-                          "timestamp": int(time.time() * 1000)})
+        payload = status_message(state.stream_id, status)
         self.broker.status(state.stream_id, payload)
         self.deliver_status(state, status, payload, skip=skip)
 
     def announce_status(self, stream_id: str, status: str) -> None:
         """A stream's status decided without its producer (a job found it gone): every node's watchers hear it."""
         state = self.streams.get(stream_id)
-        if state is not None and state.producer is None:
+        if state is None:
+            self.broker.status(stream_id, status_message(stream_id, status))
+        elif state.producer is None:
             self.publish_status(state, status)
-        elif state is None:
-            self.broker.status(stream_id, encode({"type": "status", "streamId": stream_id, "status": status,
-                                                  "timestamp": int(time.time() * 1000)}))
 
     def deliver_status(self, state: StreamState, status: str, payload: bytes, *, skip: Peer | None = None) -> None:
         state.status = status

@@ -206,9 +206,8 @@ class RedisBroker(MemoryBroker):
         self._push(("publish", self._key(f"s:{stream_id}"), envelope(WATCHERS, self._node, message)))
 
     def claim_producer(self, stream_id: str, connection_id: str) -> None:
-        lease = f"{int(time.time() * 1000)}|{self.node_id}|{connection_id}"
-        self._claims[stream_id] = lease
-        self._push(("claim", stream_id, connection_id, lease))
+        lease = self._claims[stream_id] = self._new_lease(connection_id)
+        self._push(("claim", stream_id, lease))
 
     def release_producer(self, stream_id: str, connection_id: str) -> None:
         lease = self._claims.get(stream_id)
@@ -268,7 +267,7 @@ class RedisBroker(MemoryBroker):
             if kind in ("frame", "alerts", "status", "publish"):
                 pipe.publish(entry[1], entry[2])
             elif kind == "claim":
-                sid, lease = entry[1], entry[3]
+                sid, lease = entry[1], entry[2]
                 pipe.set(self._key(f"producer:{sid}"), lease, px=self._ttl_ms)
                 pipe.publish(self._key(f"s:{sid}"), envelope(PRODUCER, self._node, lease.encode()))
             elif kind == "release":
@@ -480,8 +479,12 @@ class RedisBroker(MemoryBroker):
     def _lease(self, stream_id: str, connection_id: str) -> str:
         lease = self._claims.get(stream_id)
         if lease is None or not lease.endswith(f"|{connection_id}"):
-            lease = f"{int(time.time() * 1000)}|{self.node_id}|{connection_id}"
+            lease = self._new_lease(connection_id)
         return lease
+
+    def _new_lease(self, connection_id: str) -> str:
+        """A producer lease as claimed now: "<ms>|<node>|<connection>" (newer claims win)."""
+        return f"{int(time.time() * 1000)}|{self.node_id}|{connection_id}"
 
     async def other_nodes(self) -> list[dict[str, Any]] | None:
         """The latest figures of the other live nodes; None when Redis does not answer."""

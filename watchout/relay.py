@@ -10,8 +10,8 @@ from typing import Any
 from watchout.alerts import AlertIntake
 from watchout.auth import Principal, TokenVerifier, can_watch, check_produce, check_watch
 from watchout.cluster import ClusterSink, initial_state
-from watchout.errors import Forbidden, InvalidMessage, NotFound, StoreUnavailable, StreamBusy, Unauthenticated
-from watchout.hub import STATUS_ONLINE, STATUS_STREAMING, Hub, Peer, StreamState, Subscription
+from watchout.errors import Forbidden, InvalidMessage, NotFound, StoreUnavailable, Unauthenticated
+from watchout.hub import STATUS_ONLINE, STATUS_STREAMING, Hub, Peer, StreamState, Subscription, close_replaced
 from watchout.frames import Outgoing
 from watchout.protocol import Alert, Auth, Register, Subscribe, Unsubscribe, VideoFrame, encode, error_message
 from watchout.store import Store
@@ -111,10 +111,7 @@ class Relay:
         self.hub.broker.claim_producer(msg.stream_id, peer.id)  # a producer of it on another node closes
         peer.client_type = "mobile"
         if previous is not None:
-            busy = StreamBusy("a newer producer took over this stream", code="producer-replaced")
-            previous.send({"type": "error", "code": busy.code, "message": busy.message})
-            assert busy.close_code is not None
-            previous.close(busy.close_code, busy.message)
+            close_replaced(previous)
         _reply(peer, {"type": "registered", "streamId": msg.stream_id, "connectionId": peer.id,
                       "status": STATUS_ONLINE}, msg.ref)
         self.hub.publish_status(state, STATUS_ONLINE, skip=peer)
