@@ -1,4 +1,5 @@
-"""Store contract: the same tests on the embedded store and, with WATCHOUT_TEST_MONGO_URI, on a real MongoDB."""
+"""Store contract: the same tests on SQLite, on the MongoDB store over mongomock-motor, and with
+WATCHOUT_TEST_MONGO_URI on a real MongoDB."""
 from __future__ import annotations
 
 import asyncio
@@ -7,23 +8,30 @@ import uuid
 
 import pytest
 
-from watchout.settings import Settings
-from watchout.store import Store, new_alert_id, utcnow
+from conftest import mongomock_store
+from watchout.store import new_alert_id, utcnow
+from watchout.store.mongo import MongoStore
+from watchout.store.sqlite import SQLiteStore
 
 MONGO_URI = os.environ.get("WATCHOUT_TEST_MONGO_URI", "")
 
 
-@pytest.fixture(params=["embedded", "mongodb"])
-async def store(request):
-    if request.param == "mongodb" and not MONGO_URI:
+@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
+async def store(request, tmp_path):
+    """The contract runs on SQLite (a file), on the MongoDB store over mongomock-motor, and on a real MongoDB
+    when WATCHOUT_TEST_MONGO_URI is set."""
+    if request.param == "sqlite":
+        st = SQLiteStore(str(tmp_path / "watchout.db"))
+    elif request.param == "mongomock":
+        st = mongomock_store()
+    elif not MONGO_URI:
         pytest.skip("set WATCHOUT_TEST_MONGO_URI=mongodb://... to run the store contract on a real MongoDB")
-    db = f"watchout_contract_{uuid.uuid4().hex[:8]}"
-    settings = Settings(mongo_url=MONGO_URI if request.param == "mongodb" else "", mongo_db=db)
-    st = Store.open(settings)
-    await st.ensure_indexes()
+    else:
+        st = MongoStore.connect(MONGO_URI, f"watchout_contract_{uuid.uuid4().hex[:8]}")
+    await st.start(0.0)
     yield st
-    if not st.is_embedded:
-        await st._client.drop_database(db)
+    if request.param == "mongodb":
+        await st.drop()
     st.close()
 
 
@@ -89,20 +97,11 @@ async def test_a_stored_client_id_is_reported_as_duplicate(store):
 
 
 async def test_snapshots_are_kept_per_alert(store):
+    await store.create_stream("s1", "alice")
     alert_id = new_alert_id()
     await store.save_snapshot(alert_id, "s1", b"\xff\xd8jpeg")
     assert await store.get_snapshot(alert_id) == ("s1", b"\xff\xd8jpeg")
     assert await store.get_snapshot(new_alert_id()) is None
-
-
-async def test_embedded_id_lookup_matches_a_full_scan(store):
-    if not store.is_embedded:
-        pytest.skip("the shortcut exists only in the embedded store")
-    for i in range(5):
-        await store.create_stream(f"s{i}", "alice")
-    # an operator filter goes through mongomock's scan; an exact id takes the shortcut: same answer
-    by_scan = [d async for d in store._streams.find({"_id": {"$in": ["s3"]}})]
-    assert [await store.get_stream("s3")] == [dict(d, streamId=d.pop("_id")) for d in by_scan]
 
 
 async def _stored_alerts(store, stream="s1", count=6, owner="alice"):
@@ -133,7 +132,7 @@ async def test_exclusive_create_refuses_an_existing_stream(store):
 
 
 async def test_history_is_bounded_by_the_stored_watermark_and_filters(store):
-    from watchout.queries import AlertFilter
+    from watchout.store import AlertFilter
     await _stored_alerts(store, count=6)
     stream = await store.get_stream("s1")
     assert (stream["alertSeq"], stream["lastSeq"]) == (6, 6)
@@ -148,7 +147,7 @@ async def test_history_is_bounded_by_the_stored_watermark_and_filters(store):
 
 
 async def test_alert_history_across_streams_pages_by_received_time(store):
-    from watchout.queries import AlertFilter
+    from watchout.store import AlertFilter
     await _stored_alerts(store, "s1", 3)
     await asyncio.sleep(0.002)
     await _stored_alerts(store, "s2", 3)
@@ -207,3 +206,108 @@ async def test_the_alert_writer_lease_lets_one_writer_at_a_time(store):
     assert await store.reserve_seqs("s1", 1) == 6  # no lease asked: one node, nobody waits
     with pytest.raises(StoreUnavailable):
         await store.reserve_batch("missing", 1, "node-a", 10.0)
+
+
+# ------------------------------------------------------------------ the jobs' data
+
+async def test_a_job_lease_is_one_run_per_firing_and_one_holder_at_a_time(store):
+    import datetime as dt
+    t0 = utcnow().replace(microsecond=0)
+    slot1, slot2 = t0, t0 + dt.timedelta(hours=1)
+    assert await store.acquire_lease("prune", "node-a", slot1, t0, 60)
+    assert not await store.acquire_lease("prune", "node-b", slot1, t0, 60)  # same firing: ran already
+    assert not await store.acquire_lease("prune", "node-b", slot2, t0 + dt.timedelta(seconds=30), 60)  # held
+    assert await store.renew_lease("prune", "node-a", t0 + dt.timedelta(seconds=30), 60)
+    assert not await store.renew_lease("prune", "node-b", t0, 60)
+    await store.release_lease("prune", "node-a", t0 + dt.timedelta(seconds=40))
+    assert await store.acquire_lease("prune", "node-b", slot2, t0 + dt.timedelta(seconds=41), 60)
+    (lease,) = await store.leases()
+    assert (lease["job"], lease["owner"], lease["slot"]) == ("prune", "node-b", slot2)
+    assert lease["until"] == t0 + dt.timedelta(seconds=101)
+    # an expired lease of another owner is taken over for a later firing
+    assert await store.acquire_lease("prune", "node-a", slot2 + dt.timedelta(hours=1), t0 + dt.timedelta(hours=3), 60)
+
+
+async def test_usage_figures_add_up_per_hour_and_stream_and_are_pruned_by_hour(store):
+    import datetime as dt
+    hour = utcnow().replace(minute=0, second=0, microsecond=0)
+    row = {"streamId": "s1", "ownerId": "alice", "hour": hour, "framesIn": 10, "framesRelayed": 20, "framesDropped": 1,
+           "onlineS": 30.5}
+    await store.add_usage([row, dict(row, streamId="s2")])
+    await store.add_usage([dict(row, framesIn=5, onlineS=1.0), dict(row, hour=hour - dt.timedelta(hours=5))])
+    figures = await store.usage_between(hour, hour + dt.timedelta(hours=1), stream_id="s1")
+    assert [(f["hour"], f["framesIn"], f["framesRelayed"], f["onlineS"]) for f in figures] == [(hour, 15, 40, 31.5)]
+    assert len(await store.usage_between(hour - dt.timedelta(hours=6), hour + dt.timedelta(hours=1),
+                                         owner_id="alice")) == 3
+    assert await store.prune_usage(hour - dt.timedelta(hours=1), dry_run=True) == 1
+    assert await store.prune_usage(hour - dt.timedelta(hours=1)) == 1
+    assert len(await store.usage_between(hour - dt.timedelta(hours=6), hour + dt.timedelta(hours=1))) == 2
+
+
+async def test_a_report_replaces_its_period_and_keeps_row_order_and_times(store):
+    import datetime as dt
+    start = utcnow().replace(microsecond=0)
+    end = start + dt.timedelta(days=1)
+    rows = [{"scope": "stream", "id": "s2", "alerts": 3}, {"scope": "stream", "id": "s1", "alerts": 1},
+            {"scope": "owner", "id": "alice", "alerts": 4}]
+    await store.save_report(start, end, rows[:1])
+    await store.save_report(start, end, rows)
+    stored = await store.stored_report(start, end)
+    assert stored == [{"from": start, "to": end, **r} for r in rows]
+    assert await store.stored_report(start, end + dt.timedelta(hours=1)) == []
+
+
+async def test_job_runs_keep_the_last_run_and_forget_stopped_nodes(store):
+    import datetime as dt
+    now = utcnow().replace(microsecond=0)
+    old = now - dt.timedelta(hours=3)
+    run = {"job": "check-producers", "scope": "node", "node": "a", "slot": None, "startedAt": old, "durationS": 0.1,
+           "result": "ok", "error": None, "summary": {"offline": 0}}
+    await store.record_job_run("check-producers@a", run)
+    await store.record_job_run("check-producers@b", dict(run, node="b", startedAt=now))
+    await store.record_job_run("prune", dict(run, job="prune", scope="cluster", slot=old, startedAt=old))
+    await store.record_job_run("prune", dict(run, job="prune", scope="cluster", slot=now, startedAt=now))
+    assert await store.prune_job_runs(now - dt.timedelta(hours=1)) == 1
+    runs = {r["runId"]: r for r in await store.job_runs()}
+    assert sorted(runs) == ["check-producers@b", "prune"]
+    assert runs["prune"]["slot"] == now and runs["prune"]["summary"] == {"offline": 0}
+
+
+async def test_offline_marking_moves_last_seen_forward_only(store):
+    import datetime as dt
+    await store.create_stream("s1", "alice", status="streaming")
+    await store.create_stream("s2", "alice", status="online")
+    await store.create_stream("s3", "alice")
+    frame = utcnow().replace(microsecond=0)
+    await store.set_stream_status("s1", "streaming", frame_at=frame)
+    seen = (await store.get_stream("s1"))["lastSeenAt"]
+    earlier, later = seen - dt.timedelta(minutes=5), seen + dt.timedelta(minutes=5)
+    await store.record_heartbeats([("s1", earlier, frame - dt.timedelta(minutes=5)), ("s2", later, None)])
+    assert (await store.get_stream("s1"))["lastSeenAt"] == seen  # never back
+    assert (await store.get_stream("s1"))["lastFrameAt"] == frame
+    s2 = await store.get_stream("s2")
+    assert s2["lastSeenAt"] == later and s2["lastFrameAt"] is None
+    await store.record_heartbeats([("s1", later, frame + dt.timedelta(minutes=1))])
+    assert (await store.get_stream("s1"))["lastFrameAt"] == frame + dt.timedelta(minutes=1)
+    assert await store.mark_streams_offline({"s1": earlier, "s3": later}) == ["s1"]
+    assert (await store.get_stream("s1"))["status"] == "offline"
+    assert await store.mark_unseen_streams_offline(later + dt.timedelta(seconds=1), exclude=set()) == ["s2"]
+    assert (await store.get_stream("s2"))["lastSeenAt"] == later
+
+
+async def test_retention_removes_old_alerts_raises_pruned_seq_and_prunes_streams(store):
+    import datetime as dt
+    docs = await _stored_alerts(store, count=4)
+    cutoff = utcnow() + dt.timedelta(seconds=1)
+    assert await store.old_alerts_by_stream(cutoff) == [{"streamId": "s1", "count": 4, "maxSeq": 4}]
+    figures = await store.alert_figures(cutoff - dt.timedelta(hours=1), cutoff)
+    assert sum(f["count"] for f in figures) == 4 and {f["severity"] for f in figures} == {"low", "medium", "high",
+                                                                                          "critical"}
+    await store.save_snapshot(docs[0]["alertId"], "s1", b"jpeg")
+    assert await store.remove_alerts_before("s1", cutoff, 4) == 4
+    assert (await store.get_stream("s1"))["prunedSeq"] == 4 and await store.get_snapshot(docs[0]["alertId"]) is None
+    await store.create_stream("never", "alice")
+    future = utcnow() + dt.timedelta(hours=1)
+    assert [s["streamId"] for s in await store.prunable_streams(future, None)] == ["never", "s1"]
+    assert await store.delete_stream_if_prunable("never", future, None) is True
+    assert await store.delete_stream_if_prunable("never", future, None) is False

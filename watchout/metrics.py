@@ -9,10 +9,12 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+
+from watchout.looplag import INTERVAL_S, LoopLagMonitor
 
 if TYPE_CHECKING:
     from watchout.hub import Hub
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 ROLES = ("mobile", "dashboard", "ml-service", "unauthenticated")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 JOB_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -45,10 +48,24 @@ class Metrics:
                                     registry=self.registry)
         self.job_duration = Histogram("watchout_job_duration_seconds", "Duration of scheduled job runs", ["job"],
                                       buckets=JOB_BUCKETS, registry=self.registry)
+        self.loop_lag = Histogram("watchout_event_loop_lag_seconds",
+                                  f"How late the event loop ran a timer due every {INTERVAL_S:g} s: how long something "
+                                  f"(a slow query, a report) held the loop; a stall of d s shows as d - {INTERVAL_S:g} "
+                                  "to d", buckets=LOOP_LAG_BUCKETS, registry=self.registry)
+        self.loop_lag_max = Gauge("watchout_event_loop_lag_max_seconds",
+                                  "The largest watchout_event_loop_lag_seconds of the last 60 to 120 s "
+                                  "(a scrape resets nothing)", registry=self.registry)
 
     def watch(self, hub: Hub, intake: AlertIntake) -> None:
         """Expose the hub's and the alert intake's live figures."""
         self.registry.register(_HubCollector(hub, intake))
+
+    def start_loop_monitor(self) -> LoopLagMonitor:
+        """Measure the running loop's lag into loop_lag and loop_lag_max until the monitor's stop()."""
+        monitor = LoopLagMonitor(self.loop_lag.observe, INTERVAL_S)
+        self.loop_lag_max.set_function(monitor.recent_max_lag)
+        monitor.start()
+        return monitor
 
     def observe_job(self, job: str, result: str, seconds: float | None) -> None:
         """A job run's result; its duration unless it did not run here (skipped)."""

@@ -1,0 +1,190 @@
+"""SQLite off the event loop: a writer thread that commits each loop turn's writes in one transaction,
+and a reader thread with a connection of its own.
+
+A write's future resolves only after its transaction has committed, so a caller that answers a
+client after `await write(...)` never answers for data a crash could take back. Each write runs
+inside a savepoint: one that raises is undone alone, and the others of its transaction still
+commit. Reads see every write whose future has resolved (WAL: a reader never waits for the writer).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger("watchout.store")
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], Any]
+_Job = tuple[Work, "asyncio.Future[Any]"]
+_Result = tuple["asyncio.Future[Any]", Any, BaseException | None]
+_STOP: list[_Job] = []  # the sentinel batch
+
+
+class DatabaseThread:
+    """One connection, one thread, a queue of batches. `setup(connection)` runs first, on the thread."""
+
+    def __init__(self, name: str, connect: Callable[[], sqlite3.Connection], *, transactions: bool) -> None:
+        self._connect = connect
+        self._transactions = transactions
+        self._queue: queue.SimpleQueue[list[_Job]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        """Open the connection on the thread; raises what connecting raised."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        self._thread.start()
+        await self._ready
+
+    def submit(self, batch: list[_Job]) -> None:
+        self._queue.put(batch)
+
+    def stop(self) -> None:
+        """Finish the queued work, close the connection and end the thread."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def _run(self) -> None:
+        assert self._loop is not None and self._ready is not None
+        try:
+            connection = self._connect()
+        except BaseException as exc:  # reported to start(), which raises it
+            self._loop.call_soon_threadsafe(_settle, self._ready, None, exc)
+            return
+        self._loop.call_soon_threadsafe(_settle, self._ready, None, None)
+        try:
+            while True:
+                batch = self._queue.get()
+                stopping = batch is _STOP
+                while not stopping:  # group commit: take every batch queued meanwhile
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is _STOP:
+                        stopping = True
+                    else:
+                        batch = batch + more
+                if batch and batch is not _STOP:
+                    results = self._transaction(connection, batch) if self._transactions else _each(connection, batch)
+                    self._loop.call_soon_threadsafe(_settle_all, results)
+                if stopping:
+                    break
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _transaction(connection: sqlite3.Connection, batch: list[_Job]) -> list[_Result]:
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            return [(future, None, exc) for _, future in batch]
+        results: list[_Result] = []
+        for work, future in batch:
+            connection.execute("SAVEPOINT work")
+            try:
+                results.append((future, work(connection), None))
+                connection.execute("RELEASE work")
+            except Exception as exc:
+                try:
+                    connection.execute("ROLLBACK TO work")
+                    connection.execute("RELEASE work")
+                except sqlite3.Error:
+                    pass  # the transaction is gone (SQLite rolled it back): COMMIT below says so
+                results.append((future, None, exc))
+        try:
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:  # nothing of this transaction was kept: every caller hears so
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            return [(future, None, exc) for _, future in batch]
+        return results
+
+
+def _each(connection: sqlite3.Connection, batch: list[_Job]) -> list[_Result]:
+    results: list[_Result] = []
+    for work, future in batch:
+        try:
+            results.append((future, work(connection), None))
+        except Exception as exc:
+            results.append((future, None, exc))
+        finally:
+            if connection.in_transaction:  # a read that began one and failed midway
+                connection.execute("ROLLBACK")
+    return results
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _settle_all(results: list[_Result]) -> None:
+    for future, result, exc in results:
+        _settle(future, result, exc)
+
+
+class Database:
+    """The writer thread and (for a file) the reader thread, used from one event loop.
+
+    `write(work)` joins the writes of the current loop turn; they are handed to the writer as one batch
+    at the start of the next turn and committed together. `read(work)` runs on the reader's connection
+    (on the writer's, for an in-memory database, which a second connection cannot see).
+    """
+
+    def __init__(self, connect_writer: Callable[[], sqlite3.Connection],
+                 connect_reader: Callable[[], sqlite3.Connection] | None) -> None:
+        self._writer = DatabaseThread("watchout-sqlite-writer", connect_writer, transactions=True)
+        self._reader = DatabaseThread("watchout-sqlite-reader", connect_reader, transactions=False) \
+            if connect_reader is not None else None
+        self._pending: list[_Job] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._writer.start()  # the writer creates or migrates the schema first
+        if self._reader is not None:
+            try:
+                await self._reader.start()
+            except BaseException:
+                self._writer.stop()
+                raise
+
+    def write(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        loop = self._loop
+        assert loop is not None, "Database.start() first"
+        future: asyncio.Future[T] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((work, future))
+        return future
+
+    def read(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._reader is None:
+            return self.write(work)
+        assert self._loop is not None, "Database.start() first"
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._reader.submit([(work, future)])
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._writer.submit(batch)
+
+    def close(self) -> None:
+        if self._pending:
+            self._flush()
+        self._writer.stop()
+        if self._reader is not None:
+            self._reader.stop()
