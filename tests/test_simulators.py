@@ -1,4 +1,5 @@
-"""The simulators: the motion detector on drawn frames, camera + detector against the real server, `watchout demo`."""
+"""The simulators: the motion detector on drawn frames, camera + detector against the real server, their
+progress lines, `watchout demo`."""
 from __future__ import annotations
 
 import asyncio
@@ -69,7 +70,7 @@ def test_camera_frames_are_jpegs_of_the_chosen_size_with_a_moving_object():
     assert detector(later) is not None
 
 
-async def test_camera_and_detector_store_a_motion_alert_with_a_snapshot(server, token, api):
+async def test_camera_and_detector_store_a_motion_alert_with_a_snapshot(server, token, api, capsys):
     stop, registered = asyncio.Event(), asyncio.Event()
     camera = asyncio.create_task(run_camera(server.ws_url, token("cam-owner"), "sim-cam", fps=10, size=(320, 240),
                                             stop=stop, ready=registered))
@@ -93,6 +94,54 @@ async def test_camera_and_detector_store_a_motion_alert_with_a_snapshot(server, 
     finally:
         stop.set()
         assert await asyncio.wait_for(asyncio.gather(camera, ml), 10) == [None, None]
+    assert capsys.readouterr().out == ""  # no progress_s: silent, as in `watchout demo`
+
+
+CAMERA_LINE = re.compile(r"camera sim-cam: (\d+) frames? sent \((\d+\.\d) fps\), (\w+)")
+CAMERA_LAST = re.compile(r"camera sim-cam: (\d+) frames? sent in \d+\.\d s \((\d+\.\d) fps\), stopped")
+ML_LINE = re.compile(r"ml sim-cam: (\d+) frames? seen, (\d+) alerts? raised, (\d+) acked, (\w+)")
+
+
+async def test_camera_and_detector_print_a_progress_line_every_interval_and_one_at_the_end(server, token, capsys):
+    stop, registered = asyncio.Event(), asyncio.Event()
+    camera = asyncio.create_task(run_camera(server.ws_url, token("cam-owner"), "sim-cam", fps=10, size=(320, 240),
+                                            stop=stop, ready=registered, progress_s=0.2))
+    await asyncio.wait_for(registered.wait(), 5)
+    ml = asyncio.create_task(run_ml(server.ws_url, token("detector", role="service", streams=["sim-cam"]), "sim-cam",
+                                    stop=stop, progress_s=0.2))
+    output = ""
+    try:
+        for _ in range(100):  # until the detector reports an acknowledged alert, and a few lines are out
+            await asyncio.sleep(0.1)
+            output += capsys.readouterr().out
+            if len(CAMERA_LINE.findall(output)) >= 3 and any(int(m.group(3)) > 0 for m in ML_LINE.finditer(output)):
+                break
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(asyncio.gather(camera, ml), 10) == [None, None]
+    lines = (output + capsys.readouterr().out).splitlines()
+    camera_lines = [m for m in map(CAMERA_LINE.fullmatch, lines) if m]
+    ml_lines = [m for m in map(ML_LINE.fullmatch, lines) if m]
+    assert len(camera_lines) >= 2 and len(ml_lines) >= 2, lines
+    sent = [int(m.group(1)) for m in camera_lines]
+    assert sent == sorted(sent) and sent[-1] > 0
+    assert camera_lines[-1].group(3) == "connected" and any(0 < float(m.group(2)) <= 20 for m in camera_lines)
+    assert any(int(m.group(3)) > 0 and m.group(4) == "connected" for m in ml_lines)
+    last_camera = CAMERA_LAST.fullmatch([line for line in lines if line.startswith("camera ")][-1])
+    last_ml = ML_LINE.fullmatch([line for line in lines if line.startswith("ml ")][-1])
+    assert last_camera is not None and int(last_camera.group(1)) >= sent[-1], lines
+    assert last_ml is not None and last_ml.group(4) == "stopped", lines
+
+
+async def test_simulate_command_prints_its_progress_on_stdout(server, token):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "watchout", "simulate", "camera", "--url", server.ws_url, "--token", token("cam-owner"),
+        "--stream", "sim-cam", "--fps", "10", "--size", "160x120", "--seconds", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()
+    last = CAMERA_LAST.fullmatch(out.decode().strip().splitlines()[-1])
+    assert last and int(last.group(1)) > 0, out.decode()
 
 
 async def _get(url: str, admin: str) -> dict:
@@ -144,7 +193,11 @@ async def test_demo_serves_alerts_and_its_dashboard_and_stops_on_sigint():
         assert f"Dashboard: http://127.0.0.1:{port}/dashboard/#token=eyJ" in output
         link = re.search(rf"http://127\.0\.0\.1:{port}/dashboard/#stream=demo-cam&token=eyJ\S+", output)
         assert link, output
-        admin = re.search(r"(eyJ[\w-]+\.[\w-]+\.[\w-]+)", output).group(1)
+        # The printed curl commands use $TOKEN: a line before them sets it, ready to paste.
+        pasted = re.search(r"^ +TOKEN=(eyJ[\w-]+\.[\w-]+\.[\w-]+)\n +curl -H \"Authorization: Bearer \$TOKEN\" ",
+                           output, re.M)
+        assert pasted, output
+        admin = pasted.group(1)
         alerts: list[dict] = []
         for _ in range(100):
             alerts = (await _get(f"http://127.0.0.1:{port}/api/alerts", admin))["items"]
@@ -160,6 +213,7 @@ async def test_demo_serves_alerts_and_its_dashboard_and_stops_on_sigint():
             await _dashboard_shows_a_demo_alert(link.group(0))
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert "frames sent" not in (await proc.stdout.read()).decode()  # the demo prints no progress lines
     finally:
         if proc.returncode is None:
             proc.kill()

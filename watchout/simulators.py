@@ -1,8 +1,9 @@
 """Simulators built on the client SDK: a synthetic camera (Producer) and a motion detector (MLService).
 
-`watchout simulate camera|ml` run one of them against any Watchout; `watchout demo` runs both inside
-the embedded server (see demo_companion). Frames are drawn and decoded with Pillow, an optional
-dependency (`pip install 'watchout[sim]'`); watchout.cli checks for it before importing this module.
+`watchout simulate camera|ml` run one of them against any Watchout, printing a progress line every
+PROGRESS_S seconds; `watchout demo` runs both inside the embedded server (see demo_companion), without
+progress lines. Frames are drawn and decoded with Pillow, an optional dependency
+(`pip install 'watchout[sim]'`); watchout.cli checks for it before importing this module.
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ from io import BytesIO
 from PIL import Image, ImageChops, ImageDraw
 
 from watchout.auth import mint_token
-from watchout.client import Detection, MLService, Producer, WatchoutClientError
+from watchout.client import Connection, Detection, MLService, Producer, State, WatchoutClientError
 from watchout.settings import Settings
 
 log = logging.getLogger("watchout.simulators")
 DEMO_STREAM = "demo-cam"
 DEMO_TOKEN_TTL_S = 24 * 3600
 READY_TIMEOUT_S = 10.0
+PROGRESS_S = 5.0  # `watchout simulate`: seconds between progress lines
 
 
 # ----------------------------------------------------------------------------- camera
@@ -67,15 +69,18 @@ def parse_size(text: str) -> tuple[int, int]:
 
 async def run_camera(url: str, token: str, stream_id: str, *, fps: float = 5.0, size: tuple[int, int] = (640, 480),
                      seconds: float | None = None, stop: asyncio.Event | None = None,
-                     ready: asyncio.Event | None = None) -> WatchoutClientError | None:
+                     ready: asyncio.Event | None = None,
+                     progress_s: float | None = None) -> WatchoutClientError | None:
     """Stream drawn frames until `seconds` pass, `stop` is set, or the producer closes for good (its error).
 
     Frames are encoded in the default executor, so the loop stays free; `ready` is set once registered.
+    `progress_s`: print a CameraProgress line to stdout every so many seconds, and one at the end (None: silent).
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     interval_s = 1.0 / fps
-    async with Producer(url, token, stream_id, alerts=False) as producer:
+    producer = Producer(url, token, stream_id, alerts=False)
+    async with _printing(CameraProgress(producer), progress_s), producer:
         try:
             await producer.wait_ready(READY_TIMEOUT_S)
         except (WatchoutClientError, TimeoutError) as exc:
@@ -159,11 +164,15 @@ class MotionDetector:
 
 
 async def run_ml(url: str, token: str, stream_id: str, *, cooldown_s: float = 5.0, seconds: float | None = None,
-                 stop: asyncio.Event | None = None) -> WatchoutClientError | None:
-    """Detect motion on `stream_id` until `seconds` pass, `stop` is set, or the service closes for good."""
+                 stop: asyncio.Event | None = None, progress_s: float | None = None) -> WatchoutClientError | None:
+    """Detect motion on `stream_id` until `seconds` pass, `stop` is set, or the service closes for good.
+
+    `progress_s`: print an MLProgress line to stdout every so many seconds, and one at the end (None: silent).
+    """
     stop = stop or asyncio.Event()
     detector = MotionDetector(cooldown_s=cooldown_s)
-    async with MLService(url, token, stream_id, detector) as service:
+    service = MLService(url, token, stream_id, detector)
+    async with _printing(MLProgress(service), progress_s), service:
         closed = asyncio.ensure_future(service.wait_closed())
         stopped = asyncio.ensure_future(stop.wait())
         waiters = {closed, stopped}
@@ -181,11 +190,92 @@ async def _wait(stop: asyncio.Event, delay_s: float) -> None:
         await asyncio.wait_for(stop.wait(), max(delay_s, 0.0))
 
 
+# ----------------------------------------------------------------------------- progress lines
+
+_STATE_WORDS: dict[State, str] = {"idle": "connecting", "connecting": "connecting", "open": "connecting",
+                                  "ready": "connected", "waiting": "reconnecting", "closed": "closed"}
+
+
+def _connection_word(client: Connection, final: bool) -> str:
+    """How the client is doing, in a word; at the end (the client closed): stopped, or closed by the server."""
+    if final:
+        return "closed by the server" if client.error is not None else "stopped"
+    return _STATE_WORDS[client.state]
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+class CameraProgress:
+    """Progress lines of a simulated camera: `camera porch: 25 frames sent (5.0 fps), connected`.
+
+    The fps of a line counts the frames sent since the previous line; the last line's, the whole run's.
+    """
+
+    def __init__(self, producer: Producer, clock: Callable[[], float] = time.monotonic) -> None:
+        self.producer = producer
+        self.clock = clock
+        self.started_at = self.last_at = clock()
+        self.last_sent = 0
+
+    def __call__(self, final: bool) -> str:
+        now, sent = self.clock(), self.producer.frames_sent
+        if final:
+            elapsed_s = now - self.started_at
+            fps = sent / elapsed_s if elapsed_s > 0 else 0.0
+            figures = f"{_plural(sent, 'frame')} sent in {elapsed_s:.1f} s ({fps:.1f} fps)"
+        else:
+            elapsed_s = now - self.last_at
+            fps = (sent - self.last_sent) / elapsed_s if elapsed_s > 0 else 0.0
+            figures = f"{_plural(sent, 'frame')} sent ({fps:.1f} fps)"
+        self.last_at, self.last_sent = now, sent
+        return f"camera {self.producer.stream_id}: {figures}, {_connection_word(self.producer, final)}"
+
+
+class MLProgress:
+    """Progress lines of a simulated detector: `ml porch: 120 frames seen, 3 alerts raised, 3 acked, connected`."""
+
+    def __init__(self, service: MLService) -> None:
+        self.service = service
+
+    def __call__(self, final: bool) -> str:
+        service = self.service
+        return (f"ml {service.stream_id}: {_plural(service.frames_received, 'frame')} seen, "
+                f"{_plural(service.alerts_sent, 'alert')} raised, {service.alerts_acked} acked, "
+                f"{_connection_word(service, final)}")
+
+
+@contextlib.asynccontextmanager
+async def _printing(line: Callable[[bool], str], every_s: float | None) -> AsyncIterator[None]:
+    """Print `line(False)` every `every_s` seconds while the body runs, then `line(True)` (None: print nothing)."""
+    if every_s is None:
+        yield
+        return
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            print(line(False), flush=True)
+
+    ticking = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        ticking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticking
+        print(line(True), flush=True)
+
+
 # ----------------------------------------------------------------------------- commands
 
 def simulate(role: str, url: str, token: str, stream_id: str, *, fps: float, size: str, cooldown_s: float,
-             seconds: float | None) -> int:
-    """`watchout simulate camera|ml`: 0 after --seconds or SIGINT/SIGTERM, 1 refused for good, 2 bad usage."""
+             seconds: float | None, progress_s: float = PROGRESS_S) -> int:
+    """`watchout simulate camera|ml`: 0 after --seconds or SIGINT/SIGTERM, 1 refused for good, 2 bad usage.
+
+    Prints a progress line to stdout every `progress_s` seconds, and one when it stops.
+    """
     try:
         frame_size = parse_size(size)
     except ValueError as exc:
@@ -201,8 +291,10 @@ def simulate(role: str, url: str, token: str, stream_id: str, *, fps: float, siz
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if role == "camera":
-            return await run_camera(url, token, stream_id, fps=fps, size=frame_size, seconds=seconds, stop=stop)
-        return await run_ml(url, token, stream_id, cooldown_s=cooldown_s, seconds=seconds, stop=stop)
+            return await run_camera(url, token, stream_id, fps=fps, size=frame_size, seconds=seconds, stop=stop,
+                                    progress_s=progress_s)
+        return await run_ml(url, token, stream_id, cooldown_s=cooldown_s, seconds=seconds, stop=stop,
+                            progress_s=progress_s)
 
     error = asyncio.run(run())
     if error is not None:
@@ -212,7 +304,11 @@ def simulate(role: str, url: str, token: str, stream_id: str, *, fps: float, siz
 
 
 def demo_companion(fps: float) -> Callable[[Settings, str], contextlib.AbstractAsyncContextManager[None]]:
-    """For serve(): once it listens, run a camera and a motion detector against it; stop them on exit."""
+    """For serve(): once it listens, run a camera and a motion detector against it; stop them on exit.
+
+    The simulators print no progress lines here (the dashboard and /stats show their figures); the
+    printed `curl` commands come after a `TOKEN=...` line (an admin token) that can be pasted with them.
+    """
 
     @contextlib.asynccontextmanager
     async def companion(settings: Settings, ws_url: str) -> AsyncIterator[None]:
@@ -229,10 +325,12 @@ def demo_companion(fps: float) -> Callable[[Settings, str], contextlib.AbstractA
         base = ws_url.replace("ws://", "http://", 1).removesuffix("/ws")
         # The token rides in the URL's #fragment: browsers never send it to the server (nor to its logs).
         dashboard_token = mint_token(key, "HS256", "demo", "user", ttl_s=DEMO_TOKEN_TTL_S)
+        admin_token = mint_token(key, "HS256", "admin", "admin", ttl_s=DEMO_TOKEN_TTL_S)
         print("\n".join([
             f"Demo: a simulated camera streams {DEMO_STREAM!r} (640x480, {fps:g} fps) as user 'demo';",
             "  a motion detector (service 'demo-ml') watches it and raises alerts with a box and a snapshot.",
-            "  Alert history (with the admin token above):",
+            "  Alert history, as admin (paste these lines into a shell):",
+            f"    TOKEN={admin_token}",
             f"    curl -H \"Authorization: Bearer $TOKEN\" {base}/api/alerts",
             f"    curl -H \"Authorization: Bearer $TOKEN\" {base}/api/streams/{DEMO_STREAM}/alerts",
             "  Watch it in the web dashboard, signed in as 'demo' (the camera's owner):",
