@@ -25,6 +25,8 @@ from watchout.auth import mint_token
 from watchout.services import Services, open_services
 from watchout.settings import Settings
 from watchout.store import Store
+from watchout.store.mongo import MongoStore
+from watchout.store.sqlite import SQLiteStore
 
 TEST_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"
@@ -71,9 +73,30 @@ def artifacts_dir() -> Path:
     return path
 
 
+def mongomock_store(db_name: str = "watchout") -> MongoStore:
+    """The MongoDB store on mongomock-motor, the tests' stand-in for a MongoDB server (start() it in a loop)."""
+    import mongomock.collection
+    from mongomock_motor import AsyncMongoMockClient
+
+    builder: Any = mongomock.collection.BulkOperationBuilder
+    if not getattr(builder, "_takes_sort", False):  # pymongo >= 4.9 passes sort=, which mongomock does not take
+        add_update = builder.add_update
+
+        def add_update_with_sort(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
+            return add_update(self, *args, **kwargs)
+        builder.add_update, builder._takes_sort = add_update_with_sort, True
+    return MongoStore(AsyncMongoMockClient(tz_aware=True), db_name)
+
+
+async def started(store: SQLiteStore | MongoStore) -> Any:
+    await store.start(0.0)
+    return store
+
+
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(jwt_secret=TEST_SECRET, auth_timeout_s=2.0, ws_ping_interval_s=5.0, ws_ping_timeout_s=5.0,
+    return Settings(jwt_secret=TEST_SECRET, data_dir=":memory:", auth_timeout_s=2.0, ws_ping_interval_s=5.0,
+                    ws_ping_timeout_s=5.0,
                     token_expiry_grace_s=0.5, jwt_leeway_s=0.0, shutdown_timeout_s=2.0,
                     mongo_url=os.environ.get("WATCHOUT_TEST_MONGO_URI", ""),
                     mongo_db=f"watchout_test_{os.getpid()}")

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import alert_message, start_server
 from watchout.errors import StoreUnavailable
-from watchout.store import Store
+from watchout.store.sqlite import SQLiteStore
 
 STREAM = "porch"
 
@@ -95,7 +95,7 @@ async def test_alert_with_snapshot_is_stored_with_its_jpeg(server, ws_connect, t
     assert await server.services.store.get_snapshot(ack["alertId"]) == (STREAM, jpeg)
 
 
-class FailingAlertStore(Store):
+class FailingAlertStore(SQLiteStore):
     """A store whose alert writes fail, as when MongoDB is unreachable."""
 
     fail = True
@@ -107,10 +107,10 @@ class FailingAlertStore(Store):
 
 
 async def test_store_failure_gets_a_retryable_error_and_no_fan_out_then_the_retry_lands(settings, token):
-    from mongomock_motor import AsyncMongoMockClient
     import tornado.websocket
     from conftest import Client
-    store = FailingAlertStore(AsyncMongoMockClient(tz_aware=True), "t", is_embedded=True)
+    store = FailingAlertStore(":memory:")
+    await store.start()
     server, close = await start_server(settings, store)
     try:
         async def connect():
@@ -136,13 +136,13 @@ async def test_store_failure_gets_a_retryable_error_and_no_fan_out_then_the_retr
         await close()
 
 
-async def test_a_retry_after_a_restart_over_the_same_store_is_not_stored_twice(settings, token):
-    """The embedded store recognises a client id stored by an earlier run of the app, as MongoDB's
+async def test_a_retry_after_a_restart_over_the_same_store_is_not_stored_twice(settings, token, tmp_path):
+    """The SQLite store (its unique index) recognises a client id stored by an earlier run of the app, as MongoDB's
     unique index does, though the new app's in-memory memory of recent ids is empty."""
-    from mongomock_motor import AsyncMongoMockClient
     import tornado.websocket
     from conftest import Client
-    store = Store(AsyncMongoMockClient(tz_aware=True), "t", is_embedded=True)
+    store = SQLiteStore(str(tmp_path / "watchout.db"))
+    await store.start()
     acks = []
     for _ in range(2):  # the same alert, sent to two runs of the app that share one store
         server, close = await start_server(settings, store)

@@ -15,7 +15,6 @@ import tornado.netutil
 import tornado.testing
 import tornado.web
 import tornado.websocket
-from mongomock_motor import AsyncMongoMockClient
 
 from conftest import JPEG, Server, alert_message, producer, replace_settings, watcher
 from handlers import DEFAULT_HANDLER, METRICS_ROUTES, ROUTES
@@ -24,7 +23,8 @@ from watchout.client import (Ack, Alert, Backoff, Connection, Detection, Forbidd
                              ReplayComplete, StreamDeleted, Unauthorized, Watcher)
 from watchout.errors import StoreUnavailable
 from watchout.services import open_services
-from watchout.store import Store
+from watchout.store import Store, open_store
+from watchout.store.sqlite import SQLiteStore
 
 STREAM = "porch"
 FAST = Backoff(base_s=0.05, cap_s=0.5)
@@ -116,7 +116,8 @@ def _person(jpeg: bytes) -> Detection:
 @pytest.mark.parametrize("abrupt", [False, True], ids=["sigterm", "crash"])
 async def test_server_restart_mid_stream_clients_reconnect_and_the_watchers_alerts_equal_the_store(
         settings, token, abrupt):
-    store = Store.open(settings)
+    store = open_store(settings)
+    await store.start(0.0)
     server, stop = await _serve(settings, store)
     url, port = server.ws_url, server.port
     phone = Producer(url, lambda: token("alice"), STREAM, backoff=FAST)
@@ -264,11 +265,11 @@ async def test_frames_queued_while_disconnected_keep_only_the_newest(server, tok
         await _until(lambda: phone.frames_sent == 5, what="frames sent")
 
 
-class GatedStore(Store):
+class GatedStore(SQLiteStore):
     """The first alert write waits for `gate`, so a connection can be cut while it is in flight."""
 
     def __init__(self) -> None:
-        super().__init__(AsyncMongoMockClient(tz_aware=True), "client", is_embedded=True)
+        super().__init__(":memory:")
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
         self.fail_first = False
@@ -286,9 +287,11 @@ class GatedStore(Store):
 async def test_an_alert_cut_off_before_its_ack_is_resent_with_its_id_and_stored_once(settings, token, abrupt):
     from conftest import start_server
     store = GatedStore()
+    await store.start()
     server, close = await start_server(settings, store)
     try:
-        async with Producer(server.ws_url, lambda: token("alice"), STREAM, alerts=False):
+        async with Producer(server.ws_url, lambda: token("alice"), STREAM, alerts=False) as phone:
+            await phone.wait_ready(5)  # the stream exists before the detector's alert
             conn = Connection(server.ws_url, _service_token(token), backoff=FAST)
             states: list[str] = []
             conn.add_state_listener(states.append)
@@ -314,10 +317,12 @@ async def test_an_alert_cut_off_before_its_ack_is_resent_with_its_id_and_stored_
 async def test_an_alert_refused_with_store_unavailable_is_resent_until_stored(settings, token):
     from conftest import start_server
     store = GatedStore()
+    await store.start()
     store.fail_first = True
     server, close = await start_server(settings, store)
     try:
-        async with Producer(server.ws_url, lambda: token("alice"), STREAM):
+        async with Producer(server.ws_url, lambda: token("alice"), STREAM) as phone:
+            await phone.wait_ready(5)  # the stream exists before the detector's alert
             async with Connection(server.ws_url, _service_token(token), backoff=FAST) as conn:
                 await conn.wait_ready(5)
                 ack = await asyncio.wait_for(conn.send_alert(STREAM, "person", alert_id="det-2"), 5)

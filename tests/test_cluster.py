@@ -20,13 +20,13 @@ import tornado.httpclient
 import tornado.testing
 import tornado.websocket
 
-from conftest import JPEG, Client, Server, alert_message, frame_message, replace_settings, require_services, \
-    start_server
+from conftest import JPEG, Client, Server, alert_message, frame_message, mongomock_store, replace_settings, \
+    require_services, start_server
 from test_client import _collect, _stream_frames
 from watchout.client import Backoff, Detection, MLService, Producer, Watcher
 from watchout.frames import encode_binary_frame
 from watchout.settings import Settings
-from watchout.store import Store
+from watchout.store.mongo import MongoStore
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -64,12 +64,14 @@ class Cluster:
     def __init__(self, settings: Settings, prefix: str) -> None:
         self.settings = settings
         self.prefix = prefix
-        self.store: Store = Store.open(settings)
+        self.store: MongoStore = mongomock_store()  # several nodes share MongoDB
         self.nodes: list[Server] = []
         self.closers: list[Any] = []
         self.clients: list[Client] = []
 
     async def start_node(self, name: str, url: str = REDIS_URL) -> Server:
+        if not self.nodes:
+            await self.store.start(0.0)
         server, close = await start_server(node_settings(self.settings, self.prefix, name, url), self.store)
         self.nodes.append(server)
         self.closers.append(close)

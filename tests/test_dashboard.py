@@ -21,7 +21,7 @@ import tornado.websocket
 from conftest import Server, artifacts_dir, launch_chromium, need_chromium, start_server
 from watchout.client import Backoff
 from watchout.settings import Settings
-from watchout.store import Store
+from watchout.store import Store, open_store
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MakeToken = Callable[..., str]
@@ -61,7 +61,8 @@ class Site:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def site(settings: Settings) -> AsyncIterator[Site]:
-    store = Store.open(settings)
+    store = open_store(settings)
+    await store.start(0.0)
     site = Site(settings, store)
     await site.start()
     yield site

@@ -28,7 +28,7 @@ from conftest import JPEG, TEST_SECRET, Client, alert_message, frame_message, pr
 from watchout import frames, protocol
 from watchout.errors import StoreUnavailable
 from watchout.settings import FIELDS, Settings
-from watchout.store import Store
+from watchout.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -463,7 +463,7 @@ async def test_producer_example_stops_when_a_newer_producer_takes_over(server, w
     assert code == 3 and "took over" in output and summary["reconnects"] == 0, output
 
 
-class FlakyAlertStore(Store):
+class FlakyAlertStore(SQLiteStore):
     """The first alert write fails, as when MongoDB steps down; later ones land."""
 
     failures = 1
@@ -476,9 +476,8 @@ class FlakyAlertStore(Store):
 
 
 async def test_ml_service_example_retries_until_acked_and_each_alert_is_stored_and_relayed_once(settings, token):
-    from mongomock_motor import AsyncMongoMockClient
-
-    store = FlakyAlertStore(AsyncMongoMockClient(tz_aware=True), "docs", is_embedded=True)
+    store = FlakyAlertStore(":memory:")
+    await store.start()
     server, close = await start_server(settings, store)
     try:
         async def connect() -> Client:

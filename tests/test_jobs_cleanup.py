@@ -6,7 +6,7 @@ import base64
 import datetime as dt
 
 from conftest import alert_message, producer, replace_settings, start_server, watcher
-from watchout.queries import AlertFilter
+from watchout.store import AlertFilter
 from workers.cleanup import cleanup, prune_old_alerts, prune_stale_streams
 
 MS = dt.timedelta(milliseconds=1)

@@ -137,12 +137,17 @@ def test_report_periods_from_since_or_from_and_to():
             _period(**bad)
 
 
-def test_the_commands_refuse_the_embedded_store_and_jobs_shows_the_schedule():
+def test_without_a_database_cleanup_and_report_refuse_and_jobs_shows_the_schedule(tmp_path):
+    env = {"WATCHOUT_DATA_DIR": str(tmp_path / "data")}
     for command in (["cleanup", "--dry-run"], ["report", "--format", "csv"]):
-        result = _watchout(*command)
-        assert result.returncode == 2 and "mongo_url" in result.stderr and "Traceback" not in result.stderr
-    result = _watchout("jobs", env={"WATCHOUT_REPORT_SCHEDULE": "06:30"})
-    assert result.returncode == 0
+        result = _watchout(*command, env=env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"no database at {tmp_path / 'data' / 'watchout.db'}" in result.stderr
+        result = _watchout(*command, env={"WATCHOUT_DATA_DIR": ":memory:"})
+        assert result.returncode == 2 and ":memory:" in result.stderr
+    assert not (tmp_path / "data").exists()  # never an empty database made in the wrong place
+    result = _watchout("jobs", env={**env, "WATCHOUT_REPORT_SCHEDULE": "06:30"})
+    assert result.returncode == 0 and "showing the schedule only" in result.stderr
     names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
     assert names == ["check-producers", "mark-offline", "prune", "report"]
     assert "06:30 UTC" in result.stdout

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from mongomock_motor import AsyncMongoMockClient
 
 from conftest import Client, Server, alert_message, frame_message, producer, replace_settings, start_server, watcher
 from rawws import RawClient
@@ -20,7 +19,7 @@ from watchout.auth import mint_token
 from watchout.errors import StoreUnavailable
 from watchout.logs import setup_logging
 from watchout.settings import Settings
-from watchout.store import Store
+from watchout.store.sqlite import SQLiteStore
 
 Connect = Callable[..., Awaitable[Client]]
 Token = Callable[..., str]
@@ -222,11 +221,11 @@ async def test_text_lines_are_one_per_event(server: Server, ws_connect: Connect,
     assert traceback[0] == "Traceback (most recent call last):" and traceback[-1] == "ValueError: boom"
 
 
-class FailingStore(Store):
+class FailingStore(SQLiteStore):
     """The embedded store, failing the operations a test names."""
 
     def __init__(self) -> None:
-        super().__init__(AsyncMongoMockClient(tz_aware=True), "logs", is_embedded=True)
+        super().__init__(":memory:")
         self.failing: set[str] = set()
 
     async def insert_alerts(self, alerts: list[dict[str, Any]]) -> set[str]:
@@ -249,6 +248,7 @@ async def test_failures_are_one_record_each_with_their_context(settings: Setting
     import tornado.httpclient
     import tornado.websocket
     store = FailingStore()
+    await store.start()
     server, close = await start_server(settings, store)
     try:
         async def connect(url: str | None = None) -> Client:

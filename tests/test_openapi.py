@@ -25,7 +25,6 @@ import schemathesis
 import tornado.httpclient
 import tornado.web
 import tornado.websocket
-from mongomock_motor import AsyncMongoMockClient
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
@@ -37,7 +36,7 @@ import handlers
 from conftest import JPEG, Client, Server, alert_message, start_server
 from watchout.errors import StoreUnavailable
 from watchout.settings import Settings
-from watchout.store import Store
+from watchout.store.sqlite import SQLiteStore
 
 DOCUMENT_FILE = Path(handlers.__file__).with_name("openapi.json")
 DOCUMENT: dict[str, Any] = json.loads(DOCUMENT_FILE.read_bytes())
@@ -217,7 +216,7 @@ class Conformance:
         return body
 
 
-class FailingStore(Store):
+class FailingStore(SQLiteStore):
     """A database that stopped answering: every read and write the REST API makes raises StoreUnavailable."""
 
     async def ping(self) -> None:
@@ -382,7 +381,8 @@ async def exercise_deletion(api: Conformance, server: Server, token: MakeToken, 
 
 
 async def exercise_store_failure(api: Conformance, settings: Settings, token: MakeToken) -> None:
-    store = FailingStore(AsyncMongoMockClient(tz_aware=True), "failing", is_embedded=True)
+    store = FailingStore(":memory:")
+    await store.start()
     server, close = await start_server(settings, store)
     alice, alert = token("alice"), "0123456789abcdef01234567"
     try:

@@ -24,7 +24,7 @@ def _free_port() -> int:
 async def _start_serve(env_extra: dict[str, str]) -> tuple[asyncio.subprocess.Process, int, list[str]]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHOUT_")}
-    env.update({"WATCHOUT_PORT": str(port), **env_extra})
+    env.update({"WATCHOUT_PORT": str(port), "WATCHOUT_DATA_DIR": ":memory:", **env_extra})
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "watchout", "serve", env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     lines: list[str] = []
@@ -88,7 +88,8 @@ async def test_serve_refuses_a_port_in_use_with_a_clear_message():
         port = busy.getsockname()[1]
         result = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "watchout", "serve", "--port", str(port),
-            env={**os.environ, "WATCHOUT_JWT_SECRET": "x" * 40}, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "WATCHOUT_JWT_SECRET": "x" * 40, "WATCHOUT_DATA_DIR": ":memory:"},
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
         out, _ = await asyncio.wait_for(result.communicate(), 20)
     assert result.returncode == 1

@@ -121,7 +121,8 @@ async def start(tmp_path: Path) -> AsyncIterator[Any]:
         port = _free_port()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("WATCHOUT_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        env.update({"WATCHOUT_PORT": str(port), "NOTIFY_SOCKET": manager.address, **(env_extra or {})})
+        env.update({"WATCHOUT_PORT": str(port), "NOTIFY_SOCKET": manager.address,
+                    "WATCHOUT_DATA_DIR": str(tmp_path / "data"), **(env_extra or {})})
         log_path = tmp_path / f"serve-{len(started)}.log"
         with log_path.open("wb") as log_file:  # a file, not a pipe: a chatty debug log cannot block the service
             proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "watchout", "serve", *args, env=env,
@@ -325,6 +326,16 @@ def test_unit_is_type_notify_with_reload_watchdog_and_env_file():
     assert service["LimitNOFILE"] == "65536"
     assert service["User"] == service["Group"] == "watchout"
     assert service["EnvironmentFile"] in DEPLOY_DOC.read_text()
+
+
+def test_unit_keeps_the_data_directory_in_a_private_state_directory():
+    service = _unit()["Service"]
+    assert service["StateDirectory"] == "watchout" and service["StateDirectoryMode"] == "0700"
+    environment = dict(item.split("=", 1) for item in shlex.split(service["Environment"]))
+    # ProtectSystem=strict leaves only the state directory writable: data_dir must be that directory.
+    assert environment["WATCHOUT_DATA_DIR"] == f"/var/lib/{service['StateDirectory']}"
+    assert service["ProtectSystem"] == "strict" and "ReadWritePaths" not in service
+    assert environment["WATCHOUT_DATA_DIR"] in DEPLOY_DOC.read_text()
 
 
 def test_example_env_file_sets_only_real_settings():

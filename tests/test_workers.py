@@ -33,6 +33,7 @@ NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHOUT_") and k not in NOTIFY_VARS}
+    env["WATCHOUT_DATA_DIR"] = ":memory:"  # each worker its own store, and nothing written into the checkout
     env.update(extra)
     return env
 
@@ -49,14 +50,15 @@ def test_workers_without_broker_url_are_refused_with_the_reason():
     assert result.returncode == 2
     assert "--workers 2" in result.stderr
     assert "broker_url is empty" in result.stderr and "through the Redis broker" in result.stderr
-    assert "mongo_url is empty" in result.stderr and "embedded store lives inside one process" in result.stderr
+    assert "mongo_url is empty" in result.stderr and "embedded SQLite store serves one process only" in result.stderr
+    assert "several workers need MongoDB (mongo_url) and Redis (broker_url)" in result.stderr
     assert "listening" not in result.stdout + result.stderr  # refused before binding anything
 
 
 def test_workers_with_a_broker_but_the_embedded_store_are_refused():
     result = _serve("--workers", "2", env=_clean_env(WATCHOUT_JWT_SECRET=TEST_SECRET, WATCHOUT_BROKER_URL=REDIS_URL))
     assert result.returncode == 2
-    assert "mongo_url is empty" in result.stderr and "embedded store lives inside one process" in result.stderr
+    assert "mongo_url is empty" in result.stderr and "embedded SQLite store serves one process only" in result.stderr
     assert "broker_url is empty" not in result.stderr
 
 

@@ -1,4 +1,4 @@
-"""The `watchout` command: serve (one process, or --workers N), token, cleanup, report, jobs, simulate, demo.
+"""The `watchout` command: serve (one process, or --workers N), token, cleanup, report, jobs, backup, demo, simulate.
 The composition root: the one core module importing handlers and workers."""
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import gc
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +22,11 @@ from typing import TYPE_CHECKING
 
 from watchout import __version__
 from watchout.auth import mint_token, parse_ttl
+from watchout.datadir import load_or_create_secret, prepare_data_dir, read_secret, secret_path
 from watchout.errors import ConfigError, StoreUnavailable
 from watchout.logs import name_node, setup_logging
 from watchout.notify import Notifier
-from watchout.settings import Settings, load_settings, with_values
+from watchout.settings import IN_MEMORY, Settings, load_settings, with_values
 
 if TYPE_CHECKING:
     import socket
@@ -86,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
     jobs = commands.add_parser("jobs", help="list the scheduled jobs, their next and last runs")
     jobs.add_argument("--config", help="TOML file (default: $WATCHOUT_CONFIG)")
+    backup = commands.add_parser("backup", help="write a consistent copy of the SQLite database, also while "
+                                 "the service runs")
+    backup.add_argument("--config", help="TOML file (default: $WATCHOUT_CONFIG)")
+    backup.add_argument("path", metavar="PATH", help="the copy's file (mode 0600), or a directory to write "
+                        "watchout-<UTC time>.db in")
+    backup.add_argument("--force", action="store_true", help="replace PATH if it exists")
     simulate = commands.add_parser("simulate", help="run a simulated camera or motion detector (needs watchout[sim])")
     simulate.add_argument("role", choices=("camera", "ml"), help="camera: a phone streaming frames; ml: a detector")
     simulate.add_argument("--url", default="ws://127.0.0.1:3000/ws", help="the WebSocket URL")
@@ -98,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the embedded server with a simulated camera and detector")
     demo.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000)")
     demo.add_argument("--fps", type=float, default=5.0, help="camera frames a second (default 5)")
+    demo.add_argument("--data-dir", metavar="PATH",
+                      help="keep the demo's database and key here (default: a temporary directory, removed at exit)")
     return parser
 
 
@@ -113,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "token":
         return _token(settings, args)
-    if args.command in ("cleanup", "report", "jobs"):
+    if args.command in ("cleanup", "report", "jobs", "backup"):
         from workers.commands import run_command
         return run_command(settings, args)
     workers = args.workers or os.cpu_count() or 1
@@ -143,11 +154,12 @@ def _workers_refusal(settings: Settings, workers: int) -> str | None:
         reasons.append("broker_url is empty: frames, alerts and status cross between processes only "
                        "through the Redis broker")
     if not settings.mongo_url:
-        reasons.append("mongo_url is empty: the embedded store lives inside one process, so the workers "
+        reasons.append("mongo_url is empty: the embedded SQLite store serves one process only, so the workers "
                        "would not share streams and alerts")
     if not reasons:
         return None
-    return (f"--workers {workers} runs {workers} separate processes, but " + "; and ".join(reasons)
+    return (f"--workers {workers} runs {workers} separate processes, and several workers need MongoDB (mongo_url) "
+            "and Redis (broker_url), but " + "; and ".join(reasons)
             + ". Set WATCHOUT_BROKER_URL (redis://...) and WATCHOUT_MONGO_URL (mongodb://...), or use --workers 1")
 
 
@@ -164,17 +176,31 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
         key: str | bytes = Path(args.private_key).read_bytes()
     elif settings.jwt_secret:
         key = settings.jwt_secret
-    else:
+    elif settings.jwt_public_key_file or settings.data_dir == IN_MEMORY:
         print("watchout: no signing key: set WATCHOUT_JWT_SECRET (HS256), or pass --private-key "
               "when the service verifies with jwt_public_key_file", file=sys.stderr)
         return 2
+    else:  # the key `watchout serve` generated and keeps in data_dir, when no key is configured
+        data_dir = Path(settings.data_dir).absolute()
+        try:
+            kept = read_secret(data_dir)
+        except ConfigError as exc:
+            print(f"watchout: {exc}", file=sys.stderr)
+            return 2
+        if kept is None:
+            print(f"watchout: no signing key: no jwt_secret is configured and {secret_path(data_dir)} does not "
+                  "exist. Run `watchout serve` once with this data_dir (it generates the key there), or set "
+                  "WATCHOUT_JWT_SECRET (HS256)", file=sys.stderr)
+            return 2
+        key = kept
     print(mint_token(key, settings.algorithms[0], args.sub, args.role, streams=streams, ttl_s=ttl,
                      issuer=settings.jwt_issuer, audience=settings.jwt_audience))
     return 0
 
 
 def _simulation(args: argparse.Namespace) -> int:
-    """`watchout simulate` and `watchout demo` (built-in settings: embedded store, a key for this run)."""
+    """`watchout simulate` and `watchout demo` (built-in settings: the embedded store and a generated key, in
+    --data-dir or a temporary directory removed at exit)."""
     try:
         import PIL.Image  # noqa: F401
     except ImportError:
@@ -188,8 +214,14 @@ def _simulation(args: argparse.Namespace) -> int:
     if not 0 < args.fps <= 60:
         print("watchout: --fps must be in (0, 60]", file=sys.stderr)
         return 2
-    settings = load_settings(None, {}, {"port": args.port})
-    return _serve(settings, None, simulators.demo_companion(args.fps))
+    # A demo keeps nothing in the working directory: without --data-dir its data lives and dies with it.
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="watchout-demo-")
+    try:
+        settings = load_settings(None, {}, {"port": args.port, "data_dir": data_dir})
+        return _serve(settings, None, simulators.demo_companion(args.fps))
+    finally:
+        if not args.data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _serve(settings: Settings, load: Callable[[], Settings] | None, companion: Companion | None = None,
@@ -198,10 +230,24 @@ def _serve(settings: Settings, load: Callable[[], Settings] | None, companion: C
     setup_logging(settings.log_format, settings.log_level)
     tune_malloc()
     admin_token = None
-    if not settings.jwt_secret and not settings.jwt_public_key_file:
-        settings = with_values(settings, jwt_secret=secrets.token_urlsafe(48))
+    has_key = bool(settings.jwt_secret or settings.jwt_public_key_file)
+    data_dir: Path | None = None
+    if settings.is_embedded_store or not has_key:  # the database, or the generated key, lives in data_dir
+        try:
+            data_dir = prepare_data_dir(settings)
+            if not has_key and data_dir is not None:
+                settings = with_values(settings, jwt_secret=load_or_create_secret(data_dir))
+        except ConfigError as exc:
+            print(f"watchout: {exc}", file=sys.stderr)
+            return 2
+    if not has_key:
+        if data_dir is None:
+            settings = with_values(settings, jwt_secret=secrets.token_urlsafe(48))
+            log.warning("no jwt_secret configured: generated a signing key for this run only")
+        else:
+            log.info("no jwt_secret configured: signing with the key kept in %s, reused at the next start "
+                     "(tokens survive restarts)", secret_path(data_dir))
         admin_token = mint_token(settings.jwt_secret, "HS256", "admin", "admin", ttl_s=EMBEDDED_ADMIN_TTL_S)
-        log.warning("no jwt_secret configured: generated a signing key for this run only")
     if settings.broker_url and not settings.mongo_url:
         log.warning("broker_url is set but mongo_url is not: this node keeps its own embedded store, so "
                     "streams, alerts and their history are not shared with the other nodes (live frames, "
@@ -381,6 +427,9 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
     except StoreUnavailable as exc:
         log.error("store unavailable: %s", exc.message)
         return 1
+    except ConfigError as exc:  # a database that cannot be used at all: not SQLite, or from a newer Watchout
+        log.error("%s", exc)
+        return 2
     log.info("stopped")
     return 0
 
@@ -404,16 +453,30 @@ def _announce(settings: Settings, port: int, admin_token: str | None, metrics_po
     base = f"{host}:{port}"
     log.info("listening on %s:%d", settings.host, port)
     lines = [f"Watchout {__version__} is running.",
+             f"  Data:      {_data_location(settings)}",
              # With this run's admin token in the #fragment, which browsers never send to the server.
              f"  Dashboard: http://{base}/dashboard/" + (f"#token={admin_token}" if admin_token else ""),
              f"  WebSocket: ws://{base}/ws",
              f"  Health:    http://{base}/health",
              f"  Metrics:   http://{host}:{metrics_port or port}/metrics",
              f"  Stats:     http://{base}/stats"]
-    if admin_token:
+    if admin_token and settings.data_dir == IN_MEMORY:
         lines += ["  Admin token for this run (valid 24 h; a new key is generated at each start):",
                   f"    {admin_token}"]
+    elif admin_token:
+        key = secret_path(Path(settings.data_dir).absolute())
+        lines += [f"  Admin token (valid 24 h; signed with the key kept in {key}, reused at the next start):",
+                  f"    {admin_token}"]
     print("\n".join(lines), flush=True)
+
+
+def _data_location(settings: Settings) -> str:
+    """Where streams and alerts are kept, for the banner (never the MongoDB URL: it may hold a password)."""
+    if settings.mongo_url:
+        return f"MongoDB, database {settings.mongo_db}"
+    if settings.data_dir == IN_MEMORY:
+        return "(in memory: nothing is kept)"
+    return f"{Path(settings.data_dir).absolute()} (SQLite)"
 
 
 def _local(host: str) -> str:

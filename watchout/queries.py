@@ -11,26 +11,17 @@ import datetime as dt
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from watchout.errors import InvalidMessage
 from watchout.protocol import SEVERITIES, STREAM_ID_RE
+from watchout.store import AlertFilter
 
 STREAM_STATUSES = ("offline", "online", "streaming")
 MAX_SEQ = 2**53 - 1
 ALERT_ID_RE = re.compile(r"[0-9a-f]{24}")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
-
-
-@dataclass(frozen=True, slots=True)
-class AlertFilter:
-    severities: tuple[str, ...] | None = None
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
-    after_seq: int | None = None
-    acknowledged: bool | None = None
 
 
 def bad(name: str, problem: str) -> InvalidMessage:

@@ -173,10 +173,17 @@ class Relay:
                 page = await self.store.replay(sid, last, REPLAY_PAGE)
                 if not self._still_replaying(peer, state):
                     return
+                # Only what this node has delivered live already: an alert stored but not yet fanned out
+                # reaches this watcher through the hold buffer, and must not come twice.
+                delivered = state.alert_seq
+                caught_up = len(page) < REPLAY_PAGE
                 for alert in page:
+                    if delivered is not None and alert["seq"] > delivered:
+                        caught_up = True
+                        break
                     peer.outbox.send(Outgoing(encode(alert_event(alert))))
                     last = alert["seq"]
-                if len(page) < REPLAY_PAGE:
+                if caught_up:
                     break
                 while peer.outbox.backlog_bytes > self.replay_pace_bytes and not peer.outbox.is_closed:
                     await asyncio.sleep(0.005)  # let the watcher read before the next page

@@ -18,7 +18,7 @@ from watchout.metrics import Metrics
 from watchout.protocol import Limits
 from watchout.relay import Relay
 from watchout.settings import Settings
-from watchout.store import Store
+from watchout.store import Store, open_store
 
 log = logging.getLogger("watchout.services")
 
@@ -80,23 +80,22 @@ def make_broker(settings: Settings) -> Broker:
 
 @asynccontextmanager
 async def open_services(settings: Settings, store: Store | None = None) -> AsyncIterator[Services]:
-    """Open the store (unless given), create indexes, yield Services; on exit finish pending writes.
+    """Open and start the store (unless given), yield Services; on exit finish pending writes.
 
-    A store passed in is left open for its owner.
+    A store passed in must be started already, and is left open for its owner.
     """
     own_store = store is None
     if store is None:
-        store = Store.open(settings)
-        if store.is_embedded:
-            log.warning("using the embedded in-process store: nothing is kept when the process stops "
-                        "(set mongo_url to keep data in MongoDB)")
-    await store.ensure_indexes()
-    await store.ensure_job_indexes(settings.alert_retention_d)
+        store = open_store(settings)
+        await store.start(settings.alert_retention_d)
+        log.info("store: %s", store.description)
     services = build_services(settings, store)
     await services.broker.start()
+    loop_lag = services.metrics.start_loop_monitor()
     try:
         yield services
     finally:
+        loop_lag.stop()
         await services.relay.drain()
         await services.broker.close()
         if own_store:

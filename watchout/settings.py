@@ -20,6 +20,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 MIN_SECRET_BYTES = 32
+IN_MEMORY = ":memory:"  # data_dir: keep nothing on disk (tests, trying it out)
+DATABASE_FILE = "watchout.db"
+SQLITE_SYNCHRONOUS = ("normal", "full")  # PRAGMA synchronous of the embedded store (docs/configuration.md)
 WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
 
@@ -49,6 +52,8 @@ class Settings:
     auth_timeout_s: float = 10.0
     token_expiry_grace_s: float = 5.0
     # [store]
+    data_dir: str = "watchout-data"
+    sqlite_synchronous: str = "normal"
     mongo_url: str = field(default="", repr=False)
     mongo_db: str = "watchout"
     # [broker]
@@ -81,6 +86,14 @@ class Settings:
     @property
     def is_embedded_store(self) -> bool:
         return not self.mongo_url
+
+    @property
+    def database_path(self) -> str:
+        """The embedded store's SQLite file, `<data_dir>/watchout.db` (relative to the working directory when
+        data_dir is), or ":memory:"."""
+        if self.data_dir == IN_MEMORY:
+            return IN_MEMORY
+        return str(Path(self.data_dir) / DATABASE_FILE)
 
     @property
     def node_name(self) -> str:
@@ -210,6 +223,10 @@ def validate(s: Settings) -> None:
     if s.max_control_message_bytes > s.max_message_bytes:
         raise ConfigError("max_control_message_bytes", "must not exceed max_message_bytes")
     _validate_jwt(s)
+    if not s.data_dir.strip() or "\0" in s.data_dir:
+        raise ConfigError("data_dir", f'must be a directory path, or "{IN_MEMORY}" to keep nothing')
+    if s.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+        raise ConfigError("sqlite_synchronous", f"must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
     if s.mongo_url and not s.mongo_url.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError("mongo_url", "must start with mongodb:// or mongodb+srv://")
     if s.broker_url and not s.broker_url.startswith(("redis://", "rediss://", "unix://")):

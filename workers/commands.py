@@ -1,17 +1,22 @@
-"""The admin commands `watchout cleanup`, `watchout report` and `watchout jobs`, against the configured database."""
+"""The admin commands `watchout cleanup`, `report`, `jobs` and `backup`, against the configured database
+(MongoDB, or the SQLite file under data_dir), whether or not `watchout serve` runs."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
 import os
+import secrets
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 from watchout.auth import parse_ttl
-from watchout.errors import StoreUnavailable
+from watchout.errors import ConfigError, StoreUnavailable
 from watchout.services import Services, open_services
-from watchout.settings import Settings
+from watchout.settings import IN_MEMORY, Settings, with_values
+from watchout.store import open_store
+from watchout.store.sqlite import SQLiteStore
 from workers.cleanup import Cleanup, cleanup, cutoffs
 from workers.clock import Instant
 from workers.progress import Progress
@@ -20,9 +25,6 @@ from workers.scheduler import CLUSTER, Firing, job_specs, node_name, run_job
 
 UTC = dt.timezone.utc
 STOPPED_NODE_AFTER = dt.timedelta(hours=1)  # a per-node job's last run older than this: its node has stopped
-EMBEDDED = ("with the embedded store (no mongo_url) the data lives only inside the running `watchout serve` "
-            "process, which runs its jobs itself (GET /stats with an admin token shows their last runs); "
-            "set mongo_url (WATCHOUT_MONGO_URL) to run `watchout {command}` against MongoDB")
 
 
 class UsageError(Exception):
@@ -30,14 +32,16 @@ class UsageError(Exception):
 
 
 def run_command(settings: Settings, args: argparse.Namespace) -> int:
-    """`watchout cleanup|report|jobs`: 0 done, 1 the store failed or a job could not run, 2 bad usage."""
-    if args.command in ("cleanup", "report") and settings.is_embedded_store:
-        print("watchout: " + EMBEDDED.format(command=args.command), file=sys.stderr)
-        return 2
+    """`watchout cleanup|report|jobs|backup`: 0 done, 1 the store failed or a job could not run, 2 bad usage."""
     try:
+        if args.command == "backup":
+            return asyncio.run(backup_command(settings, args.path, sys.stdout, force=args.force))
+        missing = missing_database(settings)
+        if missing is not None and args.command != "jobs":
+            raise UsageError(missing)
         period = report_period(args, dt.datetime.now(UTC)) if args.command == "report" else None
-        return asyncio.run(_run(settings, args, period))
-    except UsageError as exc:
+        return asyncio.run(_run(settings, args, period, missing))
+    except (UsageError, ConfigError) as exc:  # ConfigError: a database that cannot be opened
         print(f"watchout: {exc}", file=sys.stderr)
         return 2
     except StoreUnavailable as exc:
@@ -45,10 +49,29 @@ def run_command(settings: Settings, args: argparse.Namespace) -> int:
         return 1
 
 
-async def _run(settings: Settings, args: argparse.Namespace, period: tuple[dt.datetime, dt.datetime] | None) -> int:
-    if args.command == "jobs" and settings.is_embedded_store:
-        print("watchout: " + EMBEDDED.format(command="jobs") + "; showing the schedule only", file=sys.stderr)
+def missing_database(settings: Settings) -> str | None:
+    """Why there is no database to work on (None: there is one). The commands never create the SQLite
+    file: in the wrong working directory, or with the wrong data_dir, they would work on an empty one."""
+    if settings.mongo_url:
+        return None
+    if settings.data_dir == IN_MEMORY:
+        return (f'data_dir is "{IN_MEMORY}": that database lives and dies with the process that holds it, so there '
+                "is none to work on here; set data_dir (WATCHOUT_DATA_DIR) to the service's data directory")
+    path = Path(settings.database_path).absolute()
+    if not path.is_file():
+        return (f"no database at {path}: set data_dir (WATCHOUT_DATA_DIR) to the service's data directory "
+                "(`watchout serve` creates the database there when it first starts)")
+    return None
+
+
+async def _run(settings: Settings, args: argparse.Namespace, period: tuple[dt.datetime, dt.datetime] | None,
+               missing: str | None) -> int:
+    if missing is not None:  # `jobs` without a database
+        print(f"watchout: {missing}; showing the schedule only", file=sys.stderr)
         return await jobs_command(None, settings, sys.stdout)
+    # Services verify tokens, and these commands take none: a throwaway key of their own rather than the
+    # service's (a key file or the key kept in data_dir may be unreadable to this user, or not made yet)
+    settings = with_values(settings, jwt_secret=secrets.token_urlsafe(48), jwt_public_key_file="", jwt_algorithms=())
     async with open_services(settings) as services:
         if args.command == "cleanup":
             return await cleanup_command(services, sys.stdout, sys.stderr, dry_run=args.dry_run)
@@ -190,3 +213,78 @@ async def jobs_command(services: Services | None, settings: Settings, out: TextI
     for line in lines:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() + "\n")
     return 0
+
+
+# ---------------------------------------------------------------------- backup
+async def backup_command(settings: Settings, path: str, out: TextIO, *, force: bool = False,
+                         now: dt.datetime | None = None) -> int:
+    """Write a consistent copy of the SQLite database to `path` while the service may run, and print it.
+
+    `path` may be a directory: the copy is then `watchout-<UTC time>.db` in it. The copy is written to
+    a temporary file next to it (mode 0600), then renamed into place, so `path` never holds part of a
+    copy. Raises UsageError (nothing to copy, or where not to write) and StoreUnavailable.
+    """
+    if settings.mongo_url:
+        raise UsageError("the data is in MongoDB (mongo_url), not in a SQLite file: back it up with mongodump")
+    missing = missing_database(settings)
+    if missing is not None:
+        raise UsageError(missing)
+    source = Path(settings.database_path).absolute()
+    target = backup_target(source, path, force=force, now=now or dt.datetime.now(UTC))
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    store = open_store(settings)
+    assert isinstance(store, SQLiteStore)  # mongo_url is refused above
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise UsageError(f"cannot write in {target.parent}: {exc.strerror}") from None
+    try:
+        os.fchmod(descriptor, 0o600)  # whatever the umask: the copy holds alerts and their snapshots
+        os.close(descriptor)
+        try:
+            await store.start(settings.alert_retention_d)
+            counts = await store.backup(str(temporary))
+        finally:
+            store.close()
+        _sync(temporary)
+        if target.exists() and not force:  # made meanwhile
+            raise UsageError(f"{target} exists; pass --force to replace it")
+        os.replace(temporary, target)
+        _sync(target.parent)
+    except OSError as exc:
+        raise StoreUnavailable(f"could not write {target}: {exc.strerror or exc}") from None
+    finally:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(f"{temporary}{suffix}").unlink(missing_ok=True)
+    out.write(f"Wrote {target} ({target.stat().st_size} bytes), a copy of {source} with "
+              f"{counts['streams']} stream(s), {counts['alerts']} alert(s), {counts['snapshots']} snapshot(s).\n")
+    return 0
+
+
+def backup_target(source: Path, path: str, *, force: bool, now: dt.datetime) -> Path:
+    """Where `watchout backup PATH` writes; raises UsageError when it must not."""
+    if path.endswith(os.sep) and not Path(path).is_dir():  # meant as a directory: never a file of its name
+        raise UsageError(f"{Path(path).absolute()} does not exist or is not a directory")
+    target = Path(path)
+    if target.is_dir():
+        target = target / f"watchout-{now.astimezone(UTC):%Y%m%dT%H%M%SZ}.db"
+    target = target.absolute()
+    if not target.parent.is_dir():
+        raise UsageError(f"{target.parent} does not exist or is not a directory")
+    live = {Path(f"{source}{suffix}").resolve() for suffix in ("", "-wal", "-shm", "-journal")}
+    if target.resolve() in live:
+        raise UsageError(f"{target} is the live database or one of its journal files: write the copy elsewhere")
+    if target.is_dir():
+        raise UsageError(f"{target} is a directory")
+    if (target.exists() or target.is_symlink()) and not force:
+        raise UsageError(f"{target} exists; pass --force to replace it")
+    return target
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or directory, so that the copy and its name survive a power cut."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

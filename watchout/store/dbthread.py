@@ -74,7 +74,11 @@ class DatabaseThread:
                         batch = batch + more
                 if batch and batch is not _STOP:
                     results = self._transaction(connection, batch) if self._transactions else _each(connection, batch)
-                    self._loop.call_soon_threadsafe(_settle_all, results)
+                    try:
+                        self._loop.call_soon_threadsafe(_settle_all, results)
+                    except RuntimeError:  # the loop is closed: nobody is waiting any more
+                        log.warning("%s: event loop closed with store calls pending", self._thread.name)
+                        break
                 if stopping:
                     break
         finally:
@@ -88,17 +92,18 @@ class DatabaseThread:
             return [(future, None, exc) for _, future in batch]
         results: list[_Result] = []
         for work, future in batch:
-            connection.execute("SAVEPOINT work")
             try:
-                results.append((future, work(connection), None))
+                connection.execute("SAVEPOINT work")
+                value = work(connection)
                 connection.execute("RELEASE work")
             except Exception as exc:
-                try:
-                    connection.execute("ROLLBACK TO work")
-                    connection.execute("RELEASE work")
-                except sqlite3.Error:
-                    pass  # the transaction is gone (SQLite rolled it back): COMMIT below says so
+                if not _undo_savepoint(connection):
+                    # SQLite rolled the whole transaction back (disk full, I/O error): nothing of this batch
+                    # is kept, and every caller hears the cause
+                    return [(f, None, exc) for _, f in batch]
                 results.append((future, None, exc))
+            else:
+                results.append((future, value, None))
         try:
             connection.execute("COMMIT")
         except sqlite3.Error as exc:  # nothing of this transaction was kept: every caller hears so
@@ -106,6 +111,20 @@ class DatabaseThread:
                 connection.execute("ROLLBACK")
             return [(future, None, exc) for _, future in batch]
         return results
+
+
+def _undo_savepoint(connection: sqlite3.Connection) -> bool:
+    """Undo the failed write alone; False when the whole transaction is gone (rolled back by SQLite)."""
+    if not connection.in_transaction:
+        return False
+    try:
+        connection.execute("ROLLBACK TO work")
+        connection.execute("RELEASE work")
+    except sqlite3.Error:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        return False
+    return True
 
 
 def _each(connection: sqlite3.Connection, batch: list[_Job]) -> list[_Result]:

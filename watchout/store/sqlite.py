@@ -217,15 +217,36 @@ class SQLiteStore(Measured):
     def close(self) -> None:
         self._db.close()
 
-    async def backup(self, target: str) -> None:
-        """Write a consistent copy of the database to `target` (SQLite's backup API; writes go on meanwhile)."""
-        def copy(connection: sqlite3.Connection) -> None:
-            destination = sqlite3.connect(target)
+    @operation("back up the database")
+    async def backup(self, target: str) -> dict[str, int]:
+        """Copy the database into `target`, a new or empty file, as it is at one moment; writes go on meanwhile.
+
+        SQLite's backup API in one step, on the reader's connection (WAL: the writer is never held up).
+        The copy is left in rollback-journal mode, one self-contained file, and checked (quick_check).
+        Returns its {"streams", "alerts", "snapshots"} counts. Raises StoreUnavailable when the copy
+        cannot be written or fails its check; `target` may then hold part of a copy.
+        """
+        def copy(connection: sqlite3.Connection) -> dict[str, int]:
+            source = connection
+            if self._memory:
+                # read() runs on the writer here, inside its transaction, where the backup API answers
+                # SQLITE_LOCKED for ever (Python retries it): copy this transaction's view instead
+                source = sqlite3.connect(":memory:")
+                source.deserialize(connection.serialize())
+            destination = sqlite3.connect(target, isolation_level=None)
             try:
-                connection.backup(destination)
+                source.backup(destination)
+                destination.execute("PRAGMA journal_mode = DELETE")
+                problems = [row[0] for row in destination.execute("PRAGMA quick_check")]
+                if problems != ["ok"]:
+                    raise StoreUnavailable(f"the copy failed its check: {'; '.join(problems[:3])}")
+                return {table: int(destination.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                        for table in ("streams", "alerts", "snapshots")}
             finally:
                 destination.close()
-        await self._db.read(copy)
+                if source is not connection:
+                    source.close()
+        return await self._db.read(copy)
 
     # ---------------------------------------------------------------- streams
     @operation("read stream")
