@@ -304,10 +304,11 @@ async def test_retention_removes_old_alerts_raises_pruned_seq_and_prunes_streams
     assert sum(f["count"] for f in figures) == 4 and {f["severity"] for f in figures} == {"low", "medium", "high",
                                                                                           "critical"}
     await store.save_snapshot(docs[0]["alertId"], "s1", b"jpeg")
-    assert await store.remove_alerts_before("s1", cutoff, 4) == 4
+    await _stored_alerts(store, "s2", 2)
+    assert await store.remove_alerts_before(cutoff, {"s1": 4, "s2": 2}) == 6
     assert (await store.get_stream("s1"))["prunedSeq"] == 4 and await store.get_snapshot(docs[0]["alertId"]) is None
     await store.create_stream("never", "alice")
     future = utcnow() + dt.timedelta(hours=1)
-    assert [s["streamId"] for s in await store.prunable_streams(future, None)] == ["never", "s1"]
+    assert [s["streamId"] for s in await store.prunable_streams(future, None)] == ["never", "s1", "s2"]
     assert await store.delete_stream_if_prunable("never", future, None) is True
     assert await store.delete_stream_if_prunable("never", future, None) is False

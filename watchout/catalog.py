@@ -168,10 +168,10 @@ async def all_alerts(services: Services, p: Principal, args: Args) -> dict[str, 
     docs = await services.store.alert_history(ids, owner_filter, flt, limit + 1,
                                               before=(position["r"], position["i"]) if position else None)
     items = [alert_resource(d) for d in docs[:limit]]
-    last_seqs: dict[str, int] = {}
-    for stream_id in dict.fromkeys(item["streamId"] for item in items):
-        stream = await services.store.get_stream(stream_id)
-        last_seqs[stream_id] = int(stream.get("lastSeq", 0)) if stream else 0
+    shown = list(dict.fromkeys(item["streamId"] for item in items))
+    streams = await services.store.list_streams(None, None, len(shown), stream_ids=shown) if shown else []
+    known = {stream["streamId"]: int(stream.get("lastSeq", 0)) for stream in streams}
+    last_seqs = {stream_id: known.get(stream_id, 0) for stream_id in shown}
     cursor = None
     if len(docs) > limit:
         cursor = encode_cursor({"k": "a", "r": items[-1]["receivedAt"], "i": items[-1]["alertId"]})

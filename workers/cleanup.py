@@ -77,25 +77,19 @@ async def prune_stale_streams(services: Services, now: dt.datetime, *, dry_run: 
 
 async def prune_old_alerts(services: Services, now: dt.datetime, *, dry_run: bool = False,
                            progress: Progress = QUIET) -> dict[str, int]:
-    """Remove alerts (and snapshots) received more than alert_retention_d ago, stream by stream, raising
-    each stream's prunedSeq first; returns the count per stream. Works without the TTL index."""
+    """Remove alerts (and snapshots) received more than alert_retention_d ago, raising each stream's
+    prunedSeq first; returns the count per stream. Works without the TTL index."""
     _, _, received_before = cutoffs(services, now)
     if received_before is None:
         return {}
     groups = await services.store.old_alerts_by_stream(received_before)
     if dry_run:
         return {g["streamId"]: g["count"] for g in groups}
-    removed = {}
-    for index, group in enumerate(groups, 1):
-        count = await services.store.remove_alerts_before(group["streamId"], received_before, group["maxSeq"])
-        if count:
-            removed[group["streamId"]] = count
-        progress.step("alerts, by stream", index, len(groups))
-    progress.end()
-    if removed:
-        log.info("removed %d alert(s) received before %s", sum(removed.values()),
-                 received_before.isoformat(timespec="seconds"))
-    return removed
+    if not groups:
+        return {}
+    count = await services.store.remove_alerts_before(received_before, {g["streamId"]: g["maxSeq"] for g in groups})
+    log.info("removed %d alert(s) received before %s", count, received_before.isoformat(timespec="seconds"))
+    return {g["streamId"]: g["count"] for g in groups}
 
 
 async def cleanup(services: Services, now: dt.datetime, *, dry_run: bool = False,

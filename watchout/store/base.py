@@ -211,9 +211,10 @@ class Store(Protocol):
         """For each stream with alerts received before `before`: streamId, count, maxSeq (of those alerts),
         by streamId."""
 
-    async def remove_alerts_before(self, stream_id: str, before: dt.datetime, max_seq: int) -> int:
-        """Remove a stream's alerts (and snapshots) from before `before`, first raising its prunedSeq to
-        `max_seq` so that a replay from an earlier seq says it is incomplete. Returns how many alerts went."""
+    async def remove_alerts_before(self, before: dt.datetime, max_seqs: dict[str, int]) -> int:
+        """Remove every alert (and snapshot) received before `before`, first raising each listed stream's
+        prunedSeq to its seq there (old_alerts_by_stream's maxSeq), so that a replay from an earlier seq
+        says it is incomplete. Returns how many alerts went. May take long; other calls go on meanwhile."""
 
     async def alert_figures(self, start: dt.datetime, end: dt.datetime, stream_id: str | None = None,
                             owner_id: str | None = None) -> list[dict[str, Any]]:

@@ -63,6 +63,7 @@ class MongoStore(Measured):
         await self._streams.create_index([("ownerId", ASC), ("createdAt", DESC)], name="owner_created")
         await self._streams.create_index([("status", ASC), ("lastSeenAt", ASC)], name="status_seen")
         await self._snapshots.create_index([("streamId", ASC), ("createdAt", ASC)], name="stream_created")
+        await self._snapshots.create_index([("createdAt", ASC)], name="created")
         await self._usage.create_index([("hour", ASC), ("streamId", ASC)], name="hour_stream")
         await self._reports.create_index([("from", ASC), ("to", ASC)], name="period")
         ttl_s = int((alert_retention_d + 1) * 86400) if alert_retention_d else None
@@ -343,10 +344,12 @@ class MongoStore(Measured):
                 async for d in self._alerts.aggregate(pipeline)]
 
     @operation("remove old alerts")
-    async def remove_alerts_before(self, stream_id: str, before: dt.datetime, max_seq: int) -> int:
-        await self._streams.update_one({"_id": stream_id}, {"$max": {"prunedSeq": max_seq}})
-        result = await self._alerts.delete_many({"streamId": stream_id, "receivedAt": {"$lt": before}})
-        await self._snapshots.delete_many({"streamId": stream_id, "createdAt": {"$lt": before}})
+    async def remove_alerts_before(self, before: dt.datetime, max_seqs: dict[str, int]) -> int:
+        raises = [pymongo.UpdateOne({"_id": sid}, {"$max": {"prunedSeq": seq}}) for sid, seq in max_seqs.items()]
+        if raises:
+            await self._streams.bulk_write(raises, ordered=False)
+        result = await self._alerts.delete_many({"receivedAt": {"$lt": before}})
+        await self._snapshots.delete_many({"createdAt": {"$lt": before}})
         return int(result.deleted_count)
 
     @operation("count alerts")
