@@ -646,9 +646,16 @@ def _migrate(connection: sqlite3.Connection, version: int) -> None:
 
 
 def _statements(script: str) -> Iterable[str]:
-    """A migration's statements (none of ours has a ';' inside a literal)."""
-    lines = [line.split("--")[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    """A migration's statements, as written (their comments stay in the schema's SQL)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip() and not all(part.strip().startswith("--") for part in current.strip().splitlines()):
+        raise ValueError(f"an incomplete statement at the end of a migration: {current.strip()[:80]}")
+    return statements
 
 
 # -------------------------------------------------------------------- queries
