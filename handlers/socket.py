@@ -14,6 +14,7 @@ import tornado.iostream
 import tornado.web
 import tornado.websocket
 
+from handlers.wsprotocol import StrictProtocol13
 from watchout.errors import AuthTimeout, RateLimited, SlowConsumer, StoreUnavailable, Unauthenticated, WatchoutError
 from watchout.hub import Peer
 from watchout.outbox import Outbox
@@ -66,6 +67,13 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.services.settings.ws_compression else None
 
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        """Tornado's protocol with an RFC 6455 frame reader (handlers/wsprotocol.py), on Tornado's parameters."""
+        protocol = super().get_websocket_protocol()
+        if not isinstance(protocol, tornado.websocket.WebSocketProtocol13):
+            return protocol
+        return StrictProtocol13(self, protocol.params, self._close_sent)
+
     # ------------------------------------------------------------------ Writer (for the Outbox)
     @property
     def is_compressed(self) -> bool:
@@ -100,6 +108,15 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         if self.peer.closed_with is None:
             self.peer.closed_with = code
         self.close(code, reason.encode()[:123].decode(errors="ignore"))
+
+    def _close_sent(self, code: int, reason: str) -> None:
+        """The WebSocket layer started the close (a ping timeout, a protocol error, a message over
+        max_message_bytes), or close_with did: record the code sent, so the close is not logged as 1006."""
+        if self._c.close_cause is None:
+            self._c.close_cause = reason or "by the server"
+        peer = self._c.peer
+        if peer is not None and peer.closed_with is None:
+            peer.closed_with = code
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
