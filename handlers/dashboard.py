@@ -12,6 +12,11 @@ from watchout.services import Services
 DASHBOARD_DIR = Path(watchout.__file__).resolve().with_name("dashboard")
 # A Host header that may go into the policy as it is: a name or IP address, an optional port.
 _HOST = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+# The dashboard is one flat directory of plainly named files. Any other path (a NUL byte, `..`, a slash,
+# an absolute path, a very long name) is answered 404 before it reaches the file system, which would
+# otherwise raise on some of them (a NUL byte: ValueError, a 500 with a traceback).
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*")
+_MAX_FILE_NAME = 100
 
 
 def content_security_policy(host: str) -> str:
@@ -46,6 +51,15 @@ class DashboardHandler(tornado.web.StaticFileHandler):
 
     def set_default_headers(self) -> None:
         _set_security_headers(self)  # on every answer, 304 and 404 included
+
+    def parse_url_path(self, url_path: str) -> str:
+        """The file name of a request ("" for the index page); raises HTTPError 404 for any other path.
+
+        Tornado has already decoded the path (%2f is a slash here; invalid UTF-8 was answered 400).
+        """
+        if url_path and (len(url_path) > _MAX_FILE_NAME or not _FILE_NAME.fullmatch(url_path)):
+            raise tornado.web.HTTPError(404)
+        return url_path
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import TEST_SECRET, Client, Server, alert_message, frame_message, replace_settings, start_server
+from watchout.auth import MAX_NUMERIC_DATE
 from watchout.logs import JsonFormatter, RedactingFilter, TextFormatter, redact, setup_logging
 from watchout.settings import Settings
 
@@ -140,6 +141,24 @@ BAD_TOKENS: list[tuple[str, Callable[[], str | None], str]] = [
     ("unknown-role", lambda: signed(role="superuser"), "token-invalid"),
     ("missing", lambda: None, "token-missing"),
 ]
+# NumericDate claims that are not a number of seconds from 1970 to 9999 (issue 12): PyJWT alone takes a
+# numeric string, and exp 10**20 used to pass and then break the `authenticated` reply (close 1011).
+BAD_DATES: list[tuple[str, Callable[[], str], str]] = [
+    ("exp-numeric-string", lambda: signed(exp=str(int(time.time()) + 3600)), "token-invalid"),
+    ("exp-numeric-string-in-the-past", lambda: signed(exp=str(int(time.time()) - 60)), "token-invalid"),
+    ("exp-10e20", lambda: signed(exp=10**20), "token-invalid"),
+    ("exp-past-9999", lambda: signed(exp=MAX_NUMERIC_DATE + 1), "token-invalid"),
+    ("exp-infinity", lambda: signed(exp=float("inf")), "token-invalid"),
+    ("exp-true", lambda: signed(exp=True), "token-invalid"),
+    ("exp-a-list", lambda: signed(exp=[int(time.time()) + 3600]), "token-invalid"),
+    ("iat-numeric-string", lambda: signed(iat=str(int(time.time()))), "token-invalid"),
+    ("iat-negative", lambda: signed(iat=-1), "token-invalid"),
+    ("iat-10e20", lambda: signed(iat=10**20), "token-invalid"),
+    ("nbf-numeric-string", lambda: signed(nbf=str(int(time.time()))), "token-invalid"),
+    ("nbf-10e20", lambda: signed(nbf=10**20), "token-invalid"),
+    ("nbf-null", lambda: jwt.encode({**claims(), "nbf": None}, TEST_SECRET, algorithm="HS256"), "token-invalid"),
+]
+BAD_TOKENS += BAD_DATES
 
 
 @pytest.mark.parametrize("make_token, error_code", [(m, c) for _, m, c in BAD_TOKENS],
@@ -362,6 +381,25 @@ async def test_auth_refresh_keeps_connection_open_past_first_expiry(
     await alice.send(frame_message(stream_id, timestamp=42))
     assert (await dashboard.recv_type("video-frame"))["timestamp"] == 42
     await assert_open(dashboard)
+
+
+@pytest.mark.parametrize("make_token, error_code", [(m, c) for _, m, c in BAD_DATES],
+                         ids=[name for name, _, _ in BAD_DATES])
+async def test_auth_with_an_absurd_date_on_a_live_connection_closes_4401_not_1011(
+        ws_connect: Connect, token: Token, make_token: Callable[[], str], error_code: str) -> None:
+    mobile = await producer(ws_connect, token, new_stream_id())
+    await mobile.send({"type": "auth", "token": make_token(), "id": "refresh"})
+    error = await assert_closed_with(mobile, 4401, error_code)
+    assert error["ref"] == "refresh"
+
+
+async def test_dates_up_to_the_end_of_9999_and_fractional_dates_are_accepted(ws_connect: Connect) -> None:
+    now = time.time()
+    for exp, iat, expires_at in ((MAX_NUMERIC_DATE, int(now), MAX_NUMERIC_DATE * 1000),
+                                 (now + 600.25, now - 0.5, int((now + 600.25) * 1000))):
+        ws = await ws_connect()
+        await ws.send({"type": "auth", "token": signed(exp=exp, iat=iat, nbf=iat)})
+        assert (await ws.recv_type("authenticated"))["expiresAt"] == expires_at
 
 
 async def test_auth_with_another_users_token_closes_4401(ws_connect: Connect, token: Token) -> None:

@@ -12,6 +12,7 @@ import pytest
 import tornado.websocket
 
 from conftest import JPEG, Client, alert_message, frame_message, replace_settings
+from watchout.protocol import MAX_NESTING
 from watchout.settings import Settings
 
 STREAM = "cam-1"
@@ -154,6 +155,7 @@ BAD_MESSAGES = [
     case("confidence-not-a-number", alert_message(STREAM, metadata={"confidence": "high"}), "invalid-field"),
     case("metadata-not-an-object", alert_message(STREAM, metadata=[1, 2]), "invalid-field"),
     case("metadata-9-levels", alert_message(STREAM, metadata=nested(9)), "too-deep"),
+    case("metadata-101-levels", alert_message(STREAM, metadata=nested(101)), "too-deep"),
     case("metadata-500-levels", alert_message(STREAM, metadata=nested(500)), "too-deep"),
     case("metadata-over-16-kib", alert_message(STREAM, metadata={"blob": "x" * 16 * 1024}),
          "metadata-too-large"),
@@ -264,6 +266,20 @@ async def test_every_bad_message_is_answered_while_a_dashboard_gets_every_frame(
     await attacker.send({"type": "ping", "id": "after-table"})
     assert (await attacker.recv_type("pong"))["ref"] == "after-table"
     await relay_frame(producer, dashboard, len(BAD_MESSAGES) + 1)
+
+
+async def test_alert_metadata_at_the_nesting_limit_is_stored_and_relayed(
+        ws_connect: Connect, token: MakeToken) -> None:
+    producer, dashboard = await open_stream(ws_connect, token)
+    ml = await ws_connect()
+    await ml.send({"type": "auth", "token": token()})
+    await ml.recv_type("authenticated")
+    metadata = nested(MAX_NESTING)
+    await ml.send(alert_message(STREAM, metadata=metadata, id="deepest"))
+    assert (await ml.recv_type("ack"))["ref"] == "deepest"
+    assert (await dashboard.recv_type("alert"))["metadata"] == metadata
+    await ml.send(alert_message(STREAM, metadata=nested(MAX_NESTING + 1), id="too-deep"))
+    assert (await ml.recv_type("error"))["code"] == "too-deep"
 
 
 # ----------------------------------------------------------------------------- closes

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import math
 import os
 import re
 import struct
@@ -383,6 +384,158 @@ def test_configuration_reference_and_watchout_toml_have_the_same_sections_and_de
     for key, (section, value) in in_file.items():
         assert documented[key]["section"] == section, key
         assert tomllib.loads(f"v = {documented[key]['default']}")["v"] == value, key
+
+
+# ----------------------------------------------------------------------------- defaults stated in prose
+# Besides configuration.md's table, the documents give defaults in running text and other tables, in
+# these forms: "`auth_timeout_s` [10 s]" (protocol.md's convention), "`auth_timeout_s` (10 s)",
+# "`alert_retention_d` days (90 by default)", "`log_level` (`info` by default; ...)", "`port`, 3000 by
+# default", "`rate_limit_burst` 20,000", "`max_bad_messages`: 10", "`broker_prefix` | ... (default
+# `watchout:`)", "16 KiB (`max_metadata_bytes`)", and for two settings "`jwt_leeway_s` +
+# `token_expiry_grace_s` [10 + 5 s]", or their sum: "`offline_after_s` + `offline_check_s` (45 s by default)".
+
+PROSE_DOCUMENTS = [ROOT / "README.md", DOCS / "asyncapi.yaml", *sorted(DOCS.glob("*.md"))]
+_SETTING = "|".join(sorted(FIELDS, key=len, reverse=True))
+_NAMES = rf"`(?:{_SETTING})`(?:\s+\+\s+`(?:{_SETTING})`)*"
+_AMOUNT = r"(?:\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(?:\s?(?:KiB|MiB|GiB|ms|min|s|h|days?|/s))?(?![\w/])"
+_VALUE = rf"{_AMOUNT}(?:\s*\+\s*{_AMOUNT})*|`[^`\n]+`|on\b|off\b"
+_STATEMENTS = [  # in order of precedence: a name is read by the first form that matches it
+    re.compile(rf"(?P<names>{_NAMES})(?:\s+[a-z]+){{0,2}}\s+\[(?P<value>{_VALUE})\]"),
+    re.compile(rf"(?P<names>{_NAMES})(?:\s+(?:days|hours|seconds))?\s+\((?P<default>default\s+)?"
+               rf"(?P<value>{_VALUE})(?P<by_default>\s+by\s+default)?\s*[),;:]"),
+    re.compile(rf"(?P<names>{_NAMES})[,:]?\s+(?P<value>{_AMOUNT})"),
+    re.compile(rf"(?P<names>`(?:{_SETTING})`)[^`\n]{{0,80}}\(default\s+(?P<value>{_VALUE})"),
+    re.compile(rf"(?P<value>{_AMOUNT})\s+\((?P<names>`(?:{_SETTING})`)\)"),
+]
+_UNITS = {"": 1, "/s": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+_SECONDS = {"ms": 0.001, "s": 1, "min": 60, "h": 3600, "day": 86400, "days": 86400}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stated:
+    """A default stated in a document: the settings it names, the value as written, the line."""
+
+    names: tuple[str, ...]
+    value: str
+    line: int
+    text: str
+
+
+def stated_defaults(text: str) -> list[Stated]:
+    taken: set[int] = set()  # where a name already read starts
+    found: list[Stated] = []
+    for pattern in _STATEMENTS:
+        for match in pattern.finditer(text):
+            starts = {match.start("names") + m.start() for m in re.finditer("`", match["names"])}
+            if starts & taken or _is_example(match):
+                continue
+            taken |= starts
+            found.append(Stated(tuple(re.findall(r"`(\w+)`", match["names"])), match["value"],
+                                text.count("\n", 0, match.start()) + 1, " ".join(match[0].split())))
+    return sorted(found, key=lambda s: s.line)
+
+
+def _is_example(match: re.Match[str]) -> bool:
+    """In parentheses, `code` not called the default is an example (`./watchout-data/watchout.db`),
+    unless it is written as in watchout.toml (`"00:00"`)."""
+    value = match["value"]
+    return (value.startswith("`") and not value.startswith('`"') and "default" in match.re.groupindex
+            and not (match["default"] or match["by_default"]))
+
+
+def _in_units_of(amount: str, name: str) -> float:
+    """'16 MiB' -> 16777216, '24 h' for stale_after_h -> 24, '10,000/s' -> 10000."""
+    match = re.fullmatch(r"([\d,.]+)\s?(\S*)", amount.strip())
+    assert match, amount
+    number, unit = match.groups()
+    value = float(number.replace(",", ""))
+    if unit in _SECONDS:
+        return value * _SECONDS[unit] / (3600 if name.endswith("_h") else 86400 if name.endswith("_d") else 1)
+    return value * _UNITS[unit]
+
+
+def agrees_with_settings(stated: Stated) -> bool:
+    expected = [getattr(Settings(), name) for name in stated.names]
+    if stated.value.startswith("`"):
+        literal = stated.value.strip("`")
+        try:
+            value = tomllib.loads(f"v = {literal}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = literal  # a bare word: `info`, `./watchout-data`
+        if isinstance(value, str) and isinstance(expected[0], str):
+            value, expected[0] = value.removeprefix("./"), expected[0].removeprefix("./")
+        return expected == [value]
+    if stated.value in ("on", "off"):
+        return expected == [stated.value == "on"]
+    if not all(isinstance(e, int | float) and not isinstance(e, bool) for e in expected):
+        return False
+    amounts = re.split(r"\s*\+\s*", stated.value)
+    if len(amounts) == 1 and len(expected) > 1:  # the sum of the settings
+        return math.isclose(_in_units_of(amounts[0], stated.names[0]), sum(expected))
+    return len(amounts) == len(expected) and all(
+        math.isclose(_in_units_of(a, n), e) for a, n, e in zip(amounts, stated.names, expected))
+
+
+@pytest.mark.parametrize("sentence, names, value, agrees", [
+    ("within `auth_timeout_s` [10 s]. Otherwise", ("auth_timeout_s",), "10 s", True),
+    ("only when `ws_compression` is on [off]. The", ("ws_compression",), "off", True),
+    ("`rate_limit_msgs_per_s` [10000], burst", ("rate_limit_msgs_per_s",), "10000", False),
+    ("`rate_limit_burst` 20,000; applies", ("rate_limit_burst",), "20,000", False),
+    ("`rate_limit_msgs_per_s` (20,000/s by default): past", ("rate_limit_msgs_per_s",), "20,000/s", True),
+    ("`jwt_leeway_s` (10 s, at most 30)", ("jwt_leeway_s",), "10 s", True),
+    ("| `max_message_bytes`, 16 MiB |", ("max_message_bytes",), "16 MiB", True),
+    ("`max_bad_messages`: 10 `error` replies", ("max_bad_messages",), "10", True),
+    ("(`port`, 3000 by default)", ("port",), "3000", True),
+    ("`log_level` (`info` by default; `debug` adds", ("log_level",), "`info`", True),
+    ("`data_dir` (default `./watchout-data`, relative", ("data_dir",), "`./watchout-data`", True),
+    ("`report_schedule` (`\"00:00\"`: daily at midnight)", ("report_schedule",), "`\"00:00\"`", True),
+    ("`broker_prefix` | the same on every node (default `watchout:`) |", ("broker_prefix",), "`watchout:`", True),
+    ("`alert_retention_d` days (90 by default) after", ("alert_retention_d",), "90", True),
+    ("`stale_after_h` (24 h), and", ("stale_after_h",), "24 h", True),
+    ("at most 16 KiB (`max_metadata_bytes`) and", ("max_metadata_bytes",), "16 KiB", True),
+    ("at `exp` + `jwt_leeway_s` + `token_expiry_grace_s` [10 + 5 s]. To", ("jwt_leeway_s", "token_expiry_grace_s"),
+     "10 + 5 s", True),
+    ("`jwt_leeway_s` +\n`token_expiry_grace_s` (10 s + 5 s by default)", ("jwt_leeway_s", "token_expiry_grace_s"),
+     "10 s + 5 s", True),
+    ("within `offline_after_s` +\n  `offline_check_s` (45 s by default).", ("offline_after_s", "offline_check_s"),
+     "45 s", True),
+    ("within `offline_after_s` + `offline_check_s` (40 s by default).", ("offline_after_s", "offline_check_s"),
+     "40 s", False),
+])
+def test_a_default_stated_in_prose_is_read_and_checked(sentence: str, names: tuple[str, ...], value: str,
+                                                       agrees: bool) -> None:
+    [stated] = stated_defaults(sentence)
+    assert (stated.names, stated.value) == (names, value)
+    assert agrees_with_settings(stated) is agrees
+
+
+@pytest.mark.parametrize("sentence", [
+    "until `exp` + `jwt_leeway_s`; a live connection",
+    "scrape `metrics_port` + 0 … N − 1, one port per worker",
+    "within `offline_after_s` + `offline_check_s`: with the defaults, 45 s",
+    "waits `shutdown_timeout_s` plus 5 s",
+    "under `data_dir` (`./watchout-data/watchout.db`: the database)",
+    "list it in `trusted_origins` (`WATCHOUT_TRUSTED_ORIGINS=https://ops.example.com`).",
+])
+def test_a_setting_named_without_a_default_states_none(sentence: str) -> None:
+    assert stated_defaults(sentence) == []
+
+
+@pytest.mark.parametrize("document", PROSE_DOCUMENTS, ids=lambda path: path.name)
+def test_every_default_a_document_states_is_the_one_settings_has(document: Path) -> None:
+    wrong = [f"{document.name}:{s.line}: {s.text!r}, but Settings has "
+             + ", ".join(f"{name} = {getattr(Settings(), name)!r}" for name in s.names)
+             for s in stated_defaults(document.read_text()) if not agrees_with_settings(s)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_documents_state_the_defaults_of_the_limits_and_timers() -> None:
+    """A guard on the reader: the statements it was written for are still found."""
+    named = {name for path in PROSE_DOCUMENTS for s in stated_defaults(path.read_text()) for name in s.names}
+    assert {"rate_limit_msgs_per_s", "rate_limit_burst", "max_message_bytes", "max_control_message_bytes",
+            "max_metadata_bytes", "max_snapshot_bytes", "auth_timeout_s", "offline_after_s", "offline_check_s",
+            "outbox_soft_bytes", "outbox_hard_bytes", "jwt_leeway_s", "token_expiry_grace_s", "ws_ping_interval_s",
+            "ws_ping_timeout_s", "max_bad_messages", "shutdown_timeout_s", "alert_retention_d"} <= named
 
 
 # ----------------------------------------------------------------------------- runnable examples

@@ -21,6 +21,7 @@ import tornado.httputil
 
 from conftest import JPEG, TEST_SECRET, Response, Server, alert_message
 from watchout.auth import mint_token
+from watchout.protocol import MAX_NESTING
 
 Api = Callable[..., Awaitable[Response]]  # conftest's api
 MakeToken = Callable[..., str]  # conftest's token
@@ -126,6 +127,10 @@ def _without_exp() -> dict[str, Any]:
     return claims
 
 
+def _signed(**claims: Any) -> str:
+    return jwt.encode(_claims(**claims), TEST_SECRET, algorithm="HS256")
+
+
 # name -> the Authorization header, from conftest's token(); None sends none
 AUTH: dict[str, Callable[[MakeToken], str | None]] = {
     "alice": lambda token: f"Bearer {token('alice')}",
@@ -137,6 +142,11 @@ AUTH: dict[str, Callable[[MakeToken], str | None]] = {
     "alg-none": lambda token: f"Bearer {jwt.encode(_claims(), '', algorithm='none')}",
     "bad-role": lambda token: f"Bearer {jwt.encode(_claims(role='superuser'), TEST_SECRET, algorithm='HS256')}",
     "no-exp": lambda token: f"Bearer {jwt.encode(_without_exp(), TEST_SECRET, algorithm='HS256')}",
+    "exp-string": lambda token: f"Bearer {_signed(exp=str(int(time.time()) + 600))}",
+    "exp-10e20": lambda token: f"Bearer {_signed(exp=10**20)}",
+    "exp-true": lambda token: f"Bearer {_signed(exp=True)}",
+    "iat-string": lambda token: f"Bearer {_signed(iat=str(int(time.time())))}",
+    "nbf-10e20": lambda token: f"Bearer {_signed(nbf=10**20)}",
     "basic": lambda token: "Basic YWxpY2U6c2VjcmV0",
     "bearer-only": lambda token: "Bearer",
 }
@@ -164,6 +174,16 @@ def post_stream(body: str | bytes, status: int = 400, code: str = "invalid-field
 
 
 DEEP_METADATA = '{"name": "x", "metadata": ' + '{"a": ' * 300 + "1" + "}" * 301
+
+
+def nested(depth: int) -> Any:
+    """A metadata value `depth` levels deep as protocol.MAX_NESTING counts them (the scalar is a level)."""
+    value: Any = 1
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
 BIG_BODY = json.dumps({"name": "x", "metadata": {"pad": "x" * (64 * 1024)}}).encode()
 
 CASES = {
@@ -243,6 +263,10 @@ CASES = {
     "metadata past 4 KiB": post_stream(json.dumps({"name": "x", "metadata": {"a": "x" * 5000}})),
     "metadata integer past 2**63": post_stream('{"name": "x", "metadata": {"a": 123456789012345678901234567890}}'),
     "metadata nested 300 deep": post_stream(DEEP_METADATA),
+    "metadata nested 9 deep": post_stream(json.dumps({"name": "x", "metadata": nested(MAX_NESTING + 1)})),
+    "metadata nested 101 deep (past MongoDB's limit)": post_stream(json.dumps({"name": "x",
+                                                                               "metadata": nested(101)})),
+    "metadata nested 9 deep in a list": post_stream(json.dumps({"name": "x", "metadata": {"a": [nested(7)]}})),
     "metadata key with NUL": post_stream('{"name": "x", "metadata": {"a\\u0000b": 1}}'),
     "existing streamId": post_stream('{"name": "x", "streamId": "a1"}', 409, "stream-exists"),
     "another user's streamId": post_stream('{"name": "x", "streamId": "b1"}', 409, "stream-exists"),
@@ -280,6 +304,11 @@ CASES = {
     "token with an unknown role": Bad("GET", "/api/streams", 401, "token-invalid", who="bad-role"),
     "token without exp": Bad("GET", "/api/streams", 401, "token-invalid", who="no-exp"),
     "expired token on DELETE": Bad("DELETE", "/api/streams/a1", 401, "token-expired", who="expired"),
+    "token with exp a numeric string": Bad("GET", "/api/streams", 401, "token-invalid", who="exp-string"),
+    "token with exp 10**20": Bad("GET", "/api/streams", 401, "token-invalid", who="exp-10e20"),
+    "token with exp true": Bad("GET", "/api/streams", 401, "token-invalid", who="exp-true"),
+    "token with iat a numeric string": Bad("GET", "/api/alerts", 401, "token-invalid", who="iat-string"),
+    "token with nbf 10**20": Bad("GET", "/api/streams", 401, "token-invalid", who="nbf-10e20"),
 
     # --- hand-made cursors: right kind and field types, values out of range
     "forged streams cursor time": Bad("GET", "/api/streams?cursor=" + cursor({"k": "s", "c": "x", "i": "a1"}), 400,
@@ -315,6 +344,20 @@ async def test_bad_request_gets_its_status_and_code_and_changes_nothing(
         reply = await api(case.method, path, body=case.body, content_type=case.content_type, headers=headers)
     assert (reply.status, error_of(reply)["code"]) == (case.status, case.code), reply.body
     assert await world.state() == before
+
+
+async def test_stream_metadata_at_the_nesting_limit_is_stored_and_one_level_more_is_refused(
+        api: Api, token: MakeToken) -> None:
+    metadata = nested(MAX_NESTING)
+    created = await api("POST", "/api/streams", token=token("alice"), body={"name": "deep", "metadata": metadata})
+    assert created.status == 201, created.body
+    stored = await api("GET", f"/api/streams/{created.json['streamId']}", token=token("alice"))
+    assert stored.json["metadata"] == metadata
+    refused = await api("POST", "/api/streams", token=token("alice"),
+                        body={"name": "deeper", "metadata": nested(MAX_NESTING + 1)})
+    error = error_of(refused)
+    assert (refused.status, error["code"]) == (400, "invalid-field")
+    assert f"deeper than {MAX_NESTING} levels" in error["message"]
 
 
 async def test_operator_lookalike_values_are_plain_strings_that_match_nothing(

@@ -15,6 +15,11 @@ from watchout.settings import Settings
 ROLES = ("user", "service", "admin")
 _MAX_STREAMS_CLAIM = 1000
 _VERIFIED_CACHE_SIZE = 4096
+# `exp`, `iat` and `nbf` are NumericDates (RFC 7519 §2): JSON numbers of seconds since 1970. PyJWT also takes
+# numeric strings and any magnitude; Watchout takes a number from 0 to the last second of year 9999, which
+# every date type the relay and its clients use can hold (10**20 s, say, cannot be sent as `expiresAt` ms).
+DATE_CLAIMS = ("exp", "iat", "nbf")
+MAX_NUMERIC_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,22 +75,37 @@ class TokenVerifier:
 
     def _decode(self, token: str) -> Principal:
         try:
+            # PyJWT checks the signature, iss, aud and that the claims are present; the dates are checked
+            # below, after their type, so that a string or absurd date is `token-invalid` whatever its value.
             claims = jwt.decode(
                 token, self._key, algorithms=self._algorithms, issuer=self._issuer,
-                audience=self._audience, leeway=self._leeway,
-                options={"require": ["exp", "iat", "sub", "role"]},
+                audience=self._audience,
+                options={"require": ["exp", "iat", "sub", "role"],
+                         "verify_exp": False, "verify_iat": False, "verify_nbf": False},
             )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired", code="token-expired") from None
-        except jwt.ImmatureSignatureError:
-            raise Unauthenticated("token not valid yet", code="token-not-yet-valid") from None
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
             raise Unauthenticated("token issuer or audience rejected", code="token-rejected") from None
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthenticated(f"token lacks the {exc.claim} claim", code="token-invalid") from None
         except jwt.InvalidTokenError:
             raise Unauthenticated("token invalid", code="token-invalid") from None
+        _check_dates(claims, time.time(), self._leeway)
         return _principal(claims)
+
+
+def _check_dates(claims: dict[str, Any], now: float, leeway: float) -> None:
+    """Raise Unauthenticated: token-invalid for a date that is not a NumericDate within 0..MAX_NUMERIC_DATE,
+    token-not-yet-valid before `nbf` or `iat`, token-expired from `exp` on (each with `leeway` seconds)."""
+    for name in DATE_CLAIMS:
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)
+                               or not 0 <= value <= MAX_NUMERIC_DATE):
+            raise Unauthenticated(f"token {name} must be a number of seconds from 1970 to 9999",
+                                  code="token-invalid")
+    if claims["iat"] > now + leeway or claims.get("nbf", 0) > now + leeway:
+        raise Unauthenticated("token not valid yet", code="token-not-yet-valid")
+    if claims["exp"] <= now - leeway:
+        raise Unauthenticated("token expired", code="token-expired")
 
 
 def _principal(claims: dict[str, Any]) -> Principal:
