@@ -350,6 +350,48 @@ async def test_client_module_resumes_with_since_seq_drops_repeats_and_stops_on_4
     await tab.context.close()
 
 
+EPOCH_SCRIPT = "async () => {" + FAKE_SOCKET + """
+  const {WatchoutClient, Backoff} = await import("./watchout-client.js");
+  const events = [];
+  const client = new WatchoutClient({url: "ws://fake/ws", token: "t", WebSocketImpl: FakeSocket,
+                                     backoff: new Backoff({random: () => 0})});
+  client.on("history-reset", (r) => events.push(["reset", r.epoch]));
+  client.on("alert", (a) => events.push(["alert", a.epoch, a.seq]));
+  client.watch("porch", {sinceSeq: 50, epoch: "old", video: false});
+  client.start();
+  await until(() => FakeSocket.all.length === 1 && FakeSocket.all[0].sent.length >= 1);
+  let socket = FakeSocket.all[0];
+  socket.recv({type: "authenticated", sub: "alice", role: "user", expiresAt: Date.now() + 3600e3,
+               ref: socket.sent[0].id});
+  await until(() => socket.sent.length >= 2);
+  const first = socket.sent[1];
+  // the stream was deleted and created again: the server starts the new history from its first alert
+  socket.recv({type: "subscribed", streamId: "porch", connectionId: "c", status: "online", format: "binary",
+               epoch: "new", lastSeq: 3, reset: true, ref: first.id});
+  for (const seq of [1, 2, 3]) socket.recv(alert(seq));
+  socket.recv({type: "replay-complete", streamId: "porch", lastSeq: 3, complete: false, reset: true});
+  socket.drop(1001, "server shutting down");
+  await until(() => FakeSocket.all.length === 2);
+  socket = FakeSocket.all[1];
+  const second = await answer(socket);
+  client.close();
+  return {first: [first.sinceSeq, first.epoch], second: [second.sinceSeq, second.epoch], events,
+          subscribes: FakeSocket.all.map((f) => f.sent.filter((m) => m.type === "subscribe").length)};
+}"""
+
+
+async def test_client_module_starts_a_new_history_from_its_first_alert_and_resumes_in_it(
+        site: Site, browser: Any) -> None:
+    tab = await open_dashboard(browser, site)
+    result = await tab.page.evaluate(EPOCH_SCRIPT)
+    assert result["first"] == [50, "old"]
+    assert result["events"] == [["reset", "new"], ["alert", "new", 1], ["alert", "new", 2], ["alert", "new", 3]]
+    assert result["second"] == [3, "new"]  # resumes in the new history
+    assert result["subscribes"] == [1, 1]  # no extra subscribe after the reset
+    tab.assert_clean()
+    await tab.context.close()
+
+
 # ----------------------------------------------------------------------------- an operator's session
 
 async def test_operator_watches_live_video_and_alerts_and_acknowledges(site: Site, browser: Any,

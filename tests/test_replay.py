@@ -109,3 +109,62 @@ async def test_frames_flow_during_replay_and_unsubscribe_ends_it(server, ws_conn
     await dash.send({"type": "unsubscribe", "streamId": STREAM})
     await dash.recv_type("unsubscribed")
     assert server.services.hub.streams[STREAM].replaying == {}
+
+
+# ------------------------------------------------------------------ histories with an identity (epoch)
+
+async def _subscribe(ws_connect, token, **position):
+    dash = await ws_connect()
+    await dash.send({"type": "subscribe", "clientType": "dashboard", "streamId": STREAM, "consumes": ["alert"],
+                     "token": token("alice"), **position})
+    return dash, await dash.recv_type("subscribed")
+
+
+async def test_a_position_from_a_deleted_and_recreated_stream_replays_the_new_history_from_its_start(
+        server, ws_connect, token, api):
+    phone = await producer(ws_connect, token, STREAM)
+    ml = await _ml(ws_connect, token)
+    await _send_acked(ml, 50)
+    old = (await api("GET", f"/api/streams/{STREAM}/alerts?limit=1", token=token("alice"))).json
+    assert old["lastSeq"] == 50 and old["epoch"]
+    assert (await api("DELETE", f"/api/streams/{STREAM}", token=token("alice"))).status == 204
+    phone.close()
+    ml.close()
+    await producer(ws_connect, token, STREAM)  # the same id, registered again: a new history
+    ml = await _ml(ws_connect, token)
+    assert await _send_acked(ml, 80) == list(range(1, 81))
+
+    dash, subscribed = await _subscribe(ws_connect, token, sinceSeq=old["lastSeq"], epoch=old["epoch"])
+    assert subscribed["reset"] is True and subscribed["epoch"] != old["epoch"]
+    seqs, done = await _collect_until_complete(dash)
+    assert seqs == list(range(1, 81))  # not 51-80: those would skip the new history's first 50
+    assert done["reset"] is True and done["complete"] is False and done["lastSeq"] == 80
+
+    # the new position continues exactly, with complete: true
+    again, subscribed = await _subscribe(ws_connect, token, sinceSeq=80, epoch=subscribed["epoch"])
+    assert "reset" not in subscribed and subscribed["lastSeq"] == 80
+    assert await _collect_until_complete(again) == ([], {"type": "replay-complete", "streamId": STREAM,
+                                                         "lastSeq": 80, "complete": True})
+
+
+async def test_a_position_beyond_the_histories_end_is_from_another_history(server, ws_connect, token, api):
+    """Same epoch, a seq the history never reached (say, the database was restored from an older backup)."""
+    await producer(ws_connect, token, STREAM)
+    ml = await _ml(ws_connect, token)
+    await _send_acked(ml, 5)
+    epoch = (await api("GET", f"/api/streams/{STREAM}/alerts", token=token("alice"))).json["epoch"]
+    dash, subscribed = await _subscribe(ws_connect, token, sinceSeq=9, epoch=epoch)
+    assert subscribed["reset"] is True
+    seqs, done = await _collect_until_complete(dash)
+    assert seqs == [1, 2, 3, 4, 5] and done["complete"] is False
+
+
+async def test_without_an_epoch_sinceseq_is_taken_as_it_is(server, ws_connect, token):
+    """Clients from before epochs keep their behaviour: no reset, `complete: false` when out of range."""
+    await producer(ws_connect, token, STREAM)
+    ml = await _ml(ws_connect, token)
+    await _send_acked(ml, 5)
+    dash, subscribed = await _subscribe(ws_connect, token, sinceSeq=9)
+    assert "reset" not in subscribed and subscribed["epoch"]
+    assert await _collect_until_complete(dash) == ([], {"type": "replay-complete", "streamId": STREAM,
+                                                        "lastSeq": 9, "complete": False})

@@ -23,13 +23,14 @@ WRITER_LEASE_S = 10.0  # with several nodes: how long a node that stopped mid-ba
 
 
 class _Pending:
-    __slots__ = ("peer", "alert", "sender", "waiters", "result", "arrived")
+    __slots__ = ("peer", "alert", "sender", "epoch", "waiters", "result", "arrived")
 
-    def __init__(self, peer: Peer, alert: Alert, sender: str) -> None:
+    def __init__(self, peer: Peer, alert: Alert, sender: str, epoch: str | None) -> None:
         self.arrived = time.perf_counter()
         self.peer = peer
         self.alert = alert
         self.sender = sender
+        self.epoch = epoch  # the stream's history it went into: a deleted stream's ids mean nothing after
         self.waiters: list[tuple[Peer, str | None]] = []  # retries that arrived while this was in flight
         self.result: tuple[str, int] | None = None
 
@@ -61,14 +62,14 @@ class AlertIntake:
 
     def submit(self, peer: Peer, state: StreamState, alert: Alert, sender: str) -> None:
         key = (alert.stream_id, sender, alert.client_id) if alert.client_id else None
-        if key is not None and key in self._recent:
-            known = self._recent[key]
+        known = self._recent.get(key) if key is not None else None
+        if known is not None and known.epoch == state.epoch:
             if known.result is None:
                 known.waiters.append((peer, alert.ref))
             else:
                 _ack(peer, alert.stream_id, known.result, alert.ref, duplicate=True)
             return
-        pending = _Pending(peer, alert, sender)
+        pending = _Pending(peer, alert, sender, state.epoch)
         if key is not None:
             self._recent[key] = pending
             if len(self._recent) > RECENT_IDS:

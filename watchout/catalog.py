@@ -15,7 +15,7 @@ import orjson
 
 from watchout.auth import Principal, can_watch, check_watch
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StreamBusy
-from watchout.protocol import STREAM_ID_RE, has_unstorable_key
+from watchout.protocol import MAX_NESTING, STREAM_ID_RE, has_unstorable_key, nesting_depth
 from watchout.queries import (STREAM_STATUSES, check_names, check_stream_id, decode_cursor, encode_cursor, is_alert_id,
                               is_seq, is_stream_id, is_time,
                               parse_alert_filter, parse_choice, parse_limit, parse_owner)
@@ -51,6 +51,9 @@ async def register_stream(services: Services, p: Principal, body: dict[str, Any]
         raise InvalidMessage(f"unknown field {unknown[0]!r}", code="unknown-field")
     if p.role == "service":
         raise Forbidden("service tokens cannot register streams")
+    metadata = body.get("metadata", {})
+    if nesting_depth(metadata) > MAX_NESTING:  # the same rule as alert metadata; first: the checks below recurse
+        raise InvalidMessage(f"metadata nests deeper than {MAX_NESTING} levels", code="invalid-field")
     if not _is_encodable(body):
         raise InvalidMessage("the body holds a lone surrogate, an integer past 2**53 or nesting past 254 levels",
                              code="invalid-field")
@@ -65,7 +68,6 @@ async def register_stream(services: Services, p: Principal, body: dict[str, Any]
     elif not isinstance(stream_id, str) or not STREAM_ID_RE.fullmatch(stream_id):
         raise InvalidMessage("streamId must be 1-128 characters of A-Z a-z 0-9 _ . : - starting with a letter "
                              "or digit", code="invalid-stream-id")
-    metadata = body.get("metadata", {})
     if not isinstance(metadata, dict) or len(repr(metadata)) > MAX_STREAM_METADATA_BYTES:
         raise InvalidMessage(f"metadata must be an object of at most {MAX_STREAM_METADATA_BYTES} bytes",
                              code="invalid-field")
@@ -145,7 +147,7 @@ async def stream_alerts(services: Services, p: Principal, stream_id: str, args: 
     cursor = None
     if len(docs) > limit:
         cursor = encode_cursor({"k": "sa", "p": last_seq, "s": items[-1]["seq"], "i": stream_id})
-    return {"items": items, "nextCursor": cursor, "lastSeq": last_seq}
+    return {"items": items, "nextCursor": cursor, "lastSeq": last_seq, "epoch": doc.get("epoch")}
 
 
 async def all_alerts(services: Services, p: Principal, args: Args) -> dict[str, Any]:
@@ -164,18 +166,19 @@ async def all_alerts(services: Services, p: Principal, args: Args) -> dict[str, 
     else:
         owner_filter = owner if p.is_admin else p.sub
     if ids is not None and not ids:
-        return {"items": [], "nextCursor": None, "lastSeq": {}}
+        return {"items": [], "nextCursor": None, "lastSeq": {}, "epoch": {}}
     docs = await services.store.alert_history(ids, owner_filter, flt, limit + 1,
                                               before=(position["r"], position["i"]) if position else None)
     items = [alert_resource(d) for d in docs[:limit]]
     shown = list(dict.fromkeys(item["streamId"] for item in items))
     streams = await services.store.list_streams(None, None, len(shown), stream_ids=shown) if shown else []
-    known = {stream["streamId"]: int(stream.get("lastSeq", 0)) for stream in streams}
-    last_seqs = {stream_id: known.get(stream_id, 0) for stream_id in shown}
+    known = {stream["streamId"]: stream for stream in streams}
+    last_seqs = {sid: int(known[sid].get("lastSeq", 0)) if sid in known else 0 for sid in shown}
+    epochs = {sid: known[sid].get("epoch") for sid in shown if sid in known}
     cursor = None
     if len(docs) > limit:
         cursor = encode_cursor({"k": "a", "r": items[-1]["receivedAt"], "i": items[-1]["alertId"]})
-    return {"items": items, "nextCursor": cursor, "lastSeq": last_seqs}
+    return {"items": items, "nextCursor": cursor, "lastSeq": last_seqs, "epoch": epochs}
 
 
 async def _visible_alert(services: Services, p: Principal, alert_id: str) -> dict[str, Any]:

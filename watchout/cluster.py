@@ -81,6 +81,8 @@ class ClusterSink:
         for peer in list(state.participants()):
             peer.send(error_message("stream-deleted" if code == 4410 else "closed", reason))
             peer.close(code, reason)
+        if code == 4410:  # deleted: a stream registered again under the id starts afresh
+            self._hub.forget_stream(stream_id)
 
     def on_resync(self, stream_ids: Iterable[str]) -> None:
         """The broker (re)subscribed: catch up on what may have been missed meanwhile, from the store."""
@@ -131,3 +133,5 @@ def initial_state(state: StreamState, doc: dict[str, Any] | None, *, status: boo
         state.status = str(doc["status"])
     if state.alert_seq is None:
         state.alert_seq = int(doc.get("lastSeq", 0))
+    if state.epoch is None:
+        state.epoch = doc.get("epoch")

@@ -84,7 +84,7 @@ class StreamState:
     __slots__ = ("stream_id", "owner_id", "producer", "json_video", "binary_video", "alert_watchers",
                  "watchers", "replaying", "status", "frames_in", "frames_relayed", "frames_dropped",
                  "last_frame_at", "producer_since", "_rate_start", "_rate_count", "fps", "tallied", "online_since",
-                 "alert_seq", "alert_backlog", "channels")
+                 "alert_seq", "alert_backlog", "channels", "epoch")
 
     def __init__(self, stream_id: str, owner_id: str) -> None:
         self.stream_id = stream_id
@@ -110,6 +110,7 @@ class StreamState:
         self.alert_seq: int | None = None  # the last alert seq delivered here (watchout.feed); None: not yet known
         self.alert_backlog: list[tuple[int, AlertItems]] | None = None  # batches waiting behind a gap fill
         self.channels = 0  # what this node asked the broker for: 0 nothing, EVENTS, EVENTS | VIDEO
+        self.epoch: str | None = None  # the identity of the stream's alert history, as the store gave it
 
     def count_frame(self, now: float) -> None:
         self.frames_in += 1
@@ -258,6 +259,25 @@ class Hub:
                 self._sync_channels(state)
             peer.producing = None
         return orphaned
+
+    def forget_stream(self, stream_id: str) -> None:
+        """The stream was deleted: its participants (being closed) leave it at once and its live state goes,
+        so a stream registered again under the id starts afresh (its new history, from the store)."""
+        state = self.streams.get(stream_id)
+        if state is None:
+            return
+        for peer in list(state.participants()):
+            self._drop_watcher(state, peer)
+            peer.watching.pop(stream_id, None)
+            if state.producer is peer:
+                state.producer = None
+                state.alert_watchers.pop(peer, None)
+                state.status = STATUS_OFFLINE
+                self._tally_offline(state)
+            if peer.producing == stream_id:
+                peer.producing = None
+        self._forget_if_idle(state)
+        self._sync_channels(state)
 
     def release_producer(self, state: StreamState, *, announce: bool = True) -> Peer | None:
         """Detach the stream's producer, which stays connected until closed, and (with `announce`) send

@@ -25,6 +25,9 @@ KINDS = ("video-frame", "alert")
 MAX_ID_CHARS = 128
 MAX_TOKEN_CHARS = 8192
 MAX_ALERT_MESSAGE_CHARS = 2000
+# How deep alert and stream metadata may nest, a scalar counting as a level ({"a": 1} is 2). MongoDB refuses
+# a document nested past 100 levels and metadata sits one level inside its alert or stream; 8 keeps every
+# store well clear of that and is deeper than any detector or camera description needs.
 MAX_NESTING = 8
 MAX_DIMENSION = 65535
 MAX_TIMESTAMP_MS = 2**53 - 1
@@ -52,6 +55,7 @@ class Subscribe:
     since_seq: int | None
     binary: bool
     ref: str | None
+    epoch: str | None = None  # the history sinceSeq belongs to (from `subscribed` or the REST history)
 
 
 @dataclass(slots=True)
@@ -156,14 +160,15 @@ def has_unstorable_key(value: Any) -> bool:
     return isinstance(value, list) and any(has_unstorable_key(item) for item in value)
 
 
-def _depth(value: Any, level: int = 1) -> int:
-    """Nesting depth, counted only up to MAX_NESTING + 1 so the recursion stays shallow."""
+def nesting_depth(value: Any, level: int = 1) -> int:
+    """Nesting depth as MAX_NESTING counts it, counted only up to MAX_NESTING + 1 so the recursion stays
+    shallow (so any result past MAX_NESTING means too deep)."""
     if level > MAX_NESTING:
         return level
     if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level)
+        return max((nesting_depth(v, level + 1) for v in value.values()), default=level)
     if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level)
+        return max((nesting_depth(v, level + 1) for v in value), default=level)
     return level
 
 
@@ -243,7 +248,7 @@ def _decode_base64(value: Any, name: str, max_bytes: int) -> bytes:
 
 _COMMON = frozenset({"type", "id"})
 _REGISTER = _COMMON | {"clientType", "streamId", "produces", "consumes", "userId", "token"}
-_SUBSCRIBE = _REGISTER | {"format", "sinceSeq"}
+_SUBSCRIBE = _REGISTER | {"format", "sinceSeq", "epoch"}
 _UNSUBSCRIBE = _COMMON | {"streamId"}
 _AUTH = _COMMON | {"token", "userId"}
 _FRAME = _COMMON | {"streamId", "data", "timestamp", "width", "height", "format"}
@@ -281,13 +286,14 @@ def _subscribe(obj: dict[str, Any], limits: Limits) -> Subscribe:
     since = f.number("sinceSeq", high=2**53 - 1)
     if since is not None and not isinstance(since, int):
         raise InvalidMessage("sinceSeq must be a whole number", code="invalid-field")
+    epoch = f.text("epoch", max_chars=64)
     form = f.text("format", max_chars=16)
     if form not in (None, "json", "binary"):
         raise InvalidMessage("format must be 'json' or 'binary'", code="invalid-field")
     default_consumes = ("video-frame", "alert") if client_type == "dashboard" else ("video-frame",)
     default_produces = ("alert",) if client_type == "ml-service" else ()
     return Subscribe(f.stream_id(), client_type, f.token(), f.kinds("produces", default_produces),
-                     f.kinds("consumes", default_consumes), since, form == "binary", _ref(obj))
+                     f.kinds("consumes", default_consumes), since, form == "binary", _ref(obj), epoch)
 
 
 def _unsubscribe(obj: dict[str, Any], limits: Limits) -> Unsubscribe:
@@ -339,7 +345,7 @@ def _alert(obj: dict[str, Any], limits: Limits) -> Alert:
         metadata = {}
     if not isinstance(metadata, dict):
         raise InvalidMessage("metadata must be an object", code="invalid-field")
-    if _depth(metadata) > MAX_NESTING:  # first: the checks below recurse
+    if nesting_depth(metadata) > MAX_NESTING:  # first: the checks below recurse
         raise InvalidMessage(f"metadata nests deeper than {MAX_NESTING} levels", code="too-deep")
     if has_unstorable_key(metadata):
         raise InvalidMessage("metadata keys may not contain NUL (\\u0000) or start with $", code="invalid-field")

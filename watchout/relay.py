@@ -147,28 +147,49 @@ class Relay:
         peer.client_type = msg.client_type
         replay = msg.since_seq is not None and sub.alerts
         self.hub.add_watcher(state, peer, sub, replaying=replay)
+        history, reset = None, False
+        if replay:
+            history = await self._history(msg.stream_id)
+            reset = _from_another_history(msg, history)
         await self.hub.broker.ready(msg.stream_id)  # with several nodes: until Redis confirms the subscription
-        _reply(peer, {"type": "subscribed", "streamId": msg.stream_id, "connectionId": peer.id,
-                      "status": state.status, "format": "binary" if msg.binary else "json"}, msg.ref)
+        reply: dict[str, Any] = {"type": "subscribed", "streamId": msg.stream_id, "connectionId": peer.id,
+                                 "status": state.status, "format": "binary" if msg.binary else "json"}
+        epoch = state.epoch if state.epoch is not None else (history or {}).get("epoch")
+        if epoch is not None:
+            reply["epoch"] = epoch
+        if state.alert_seq is not None:
+            reply["lastSeq"] = state.alert_seq
+        if reset:
+            reply["reset"] = True  # before the replay: the watcher starts its list again
+        _reply(peer, reply, msg.ref)
         if replay:
             assert msg.since_seq is not None
             # not awaited: the subscriber's reads (pongs included) must go on during a long replay
-            self._in_background(self._replay(peer, state, msg.since_seq), msg.stream_id, peer, "alert replay")
+            self._in_background(self._replay(peer, state, 0 if reset else msg.since_seq, history, reset),
+                                msg.stream_id, peer, "alert replay")
         log.info("consumer subscribed", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
 
-    async def _replay(self, peer: Peer, state: StreamState, since_seq: int) -> None:
+    async def _history(self, stream_id: str) -> dict[str, Any] | None:
+        """The stream's history as stored now (epoch, lastSeq, prunedSeq); None when the store cannot say."""
+        try:
+            return await self.store.get_stream(stream_id)
+        except StoreUnavailable:
+            return None  # the replay's reads will fail and say so
+
+    async def _replay(self, peer: Peer, state: StreamState, since_seq: int, history: dict[str, Any] | None,
+                      reset: bool) -> None:
         """Stored alerts after since_seq in order, then `replay-complete`, then live, without gap or repeat.
 
         The watcher was registered before the first read, so an alert stored after that read is held
-        for it and sent after the replay unless the replay already covered it.
+        for it and sent after the replay unless the replay already covered it. `reset`: the watcher's
+        position was from another history; this one is replayed from its start, never as complete.
         """
-        sid, last, complete = state.stream_id, since_seq, True
+        sid, last, complete = state.stream_id, since_seq, not reset
+        if history is not None and not reset:
+            # alerts up to prunedSeq may have been removed by retention; a sinceSeq beyond the stream's last
+            # alert comes from another history (a client that did not say its epoch)
+            complete = history.get("prunedSeq", 0) <= since_seq <= history.get("lastSeq", 0)
         try:
-            doc = await self.store.get_stream(sid)
-            if doc is not None:
-                # alerts up to prunedSeq may have been removed by retention; a sinceSeq beyond the
-                # stream's last alert comes from another history (the stream was recreated)
-                complete = doc.get("prunedSeq", 0) <= since_seq <= doc.get("lastSeq", 0)
             while self._still_replaying(peer, state):
                 page = await self.store.replay(sid, last, REPLAY_PAGE)
                 if not self._still_replaying(peer, state):
@@ -192,7 +213,10 @@ class Relay:
             peer.send(error_message(exc.code, f"replay stopped: {exc.message}"))
         if not self._still_replaying(peer, state):
             return
-        peer.send({"type": "replay-complete", "streamId": sid, "lastSeq": last, "complete": complete})
+        done: dict[str, Any] = {"type": "replay-complete", "streamId": sid, "lastSeq": last, "complete": complete}
+        if reset:
+            done["reset"] = True
+        peer.send(done)
         self.hub.finish_replay(state, peer, last)
 
     @staticmethod
@@ -220,10 +244,13 @@ class Relay:
         return None
 
     async def _alert_unknown_stream(self, peer: Peer, principal: Principal, msg: Alert) -> None:
-        owner = await self._owner(msg.stream_id)
+        owner, doc = await self._lookup(msg.stream_id)
         # nobody watches it on this node: a detached state stores the alert and fans out to no one
         live = self.hub.streams.get(msg.stream_id)
-        state = live if live is not None else (StreamState(msg.stream_id, owner) if owner is not None else None)
+        state = live
+        if state is None and owner is not None:
+            state = StreamState(msg.stream_id, owner)
+            state.epoch = None if doc is None else doc.get("epoch")
         self._submit_alert(peer, principal, state, msg)
 
     def _submit_alert(self, peer: Peer, principal: Principal, state: StreamState | None, msg: Alert) -> None:
@@ -285,3 +312,12 @@ def _reply(peer: Peer, message: dict[str, Any], ref: str | None) -> None:
     if ref is not None:
         message["ref"] = ref
     peer.send(message)
+
+
+def _from_another_history(msg: Subscribe, history: dict[str, Any] | None) -> bool:
+    """Whether a subscriber's (epoch, sinceSeq) is a position in a history other than the stored one: another
+    epoch (the stream was created again, or the database is new), or a seq the history never reached (a
+    restored backup). Without an epoch the subscriber cannot say: its sinceSeq is taken as it is."""
+    if msg.epoch is None or msg.since_seq is None or history is None:
+        return False
+    return msg.epoch != history.get("epoch") or msg.since_seq > int(history.get("lastSeq", 0))

@@ -56,7 +56,7 @@ def stream_resource(doc: dict[str, Any], live: StreamState | None = None, now: f
         "status": live.status if live is not None and live.producer is not None else doc.get("status", "offline"),
         "metadata": doc.get("metadata", {}), "createdAt": _iso(doc.get("createdAt")),
         "lastSeenAt": _iso(doc.get("lastSeenAt")), "lastFrameAt": _iso(doc.get("lastFrameAt")),
-        "lastSeq": doc.get("lastSeq", 0)}
+        "lastSeq": doc.get("lastSeq", 0), "epoch": doc.get("epoch")}
     if now is not None:
         resource["live"] = live_figures(live, now)
     return resource

@@ -283,7 +283,7 @@ async function selectStream(streamId) {
   $("view-title").textContent = entry?.resource.name || streamId;
   setViewStatus(entry?.resource.status || "");
   $("alerts-state").textContent = "Loading the alert history…";
-  let sinceSeq = null;  // the client then starts from the stream's lastSeq itself
+  let sinceSeq = null, epoch = null;  // null: the client then starts from the stream's lastSeq itself
   try {
     // History first, then live from its lastSeq: the server replays what arrived in between, so
     // nothing is missed or shown twice.
@@ -293,6 +293,7 @@ async function selectStream(streamId) {
     page.olderCursor = history.nextCursor;
     $("older").hidden = !history.nextCursor;
     sinceSeq = history.lastSeq;
+    epoch = history.epoch ?? null;
   } catch (err) {
     if (selection !== page.selection) return;
     if (err.isUnauthorized) {
@@ -302,7 +303,7 @@ async function selectStream(streamId) {
     if (err.status === 404) sinceSeq = 0;  // not created yet (or not visible): every alert will be new
     $("alerts-state").textContent = `Cannot load the history: ${err.message}`;
   }
-  if (page.client === client && client) client.watch(streamId, {sinceSeq});
+  if (page.client === client && client) client.watch(streamId, {sinceSeq, epoch});
   setAlertsState();
 }
 

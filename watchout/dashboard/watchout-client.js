@@ -91,12 +91,13 @@ function base64ToBytes(data) {
 }
 
 class Subscription {
-  constructor(streamId, {video = true, alerts = true, binary = true, sinceSeq = null} = {}) {
+  constructor(streamId, {video = true, alerts = true, binary = true, sinceSeq = null, epoch = null} = {}) {
     this.streamId = streamId;
     this.video = video;
     this.alerts = alerts;
     this.binary = binary;
     this.lastSeq = sinceSeq;   // the last alert seq delivered: the next subscribe's sinceSeq
+    this.epoch = epoch;        // the history lastSeq belongs to: sent with sinceSeq, from `subscribed`
     this.status = null;        // online / streaming / offline, from `subscribed` and `status`
     this.lastReplay = null;    // the last replay-complete
     this.alertRepeats = 0;     // alerts dropped because their seq was delivered already
@@ -185,7 +186,9 @@ export class WatchoutClient {
 
   /** Watch a stream's video and/or alerts; returns its Subscription (lastSeq, status, lastReplay).
    *  With sinceSeq null, alerts start at the stream's current lastSeq (read over REST), that is,
-   *  only new ones; pass history()'s lastSeq to continue exactly after the history, or 0 for all. */
+   *  only new ones; pass history()'s lastSeq and epoch to continue exactly after the history, or 0
+   *  for all. If that history has ended (the stream was created again), "history-reset" comes first,
+   *  then the current history from its first alert: drop what you showed of the old one. */
   watch(streamId, options = {}) {
     this.unwatch(streamId);
     const sub = new Subscription(streamId, options);
@@ -250,8 +253,9 @@ export class WatchoutClient {
   /** GET /api/streams/{id}: one stream with its live figures. */
   stream(streamId) { return this.api(`/api/streams/${encodeURIComponent(streamId)}`); }
 
-  /** One page of GET /api/streams/{id}/alerts: {items (newest first), nextCursor, lastSeq}. Every page
-   *  after the first is pinned to the first page's lastSeq; watch(id, {sinceSeq: lastSeq}) continues it. */
+  /** One page of GET /api/streams/{id}/alerts: {items (newest first), nextCursor, lastSeq, epoch}. Every
+   *  page after the first is pinned to the first page's lastSeq; watch(id, {sinceSeq: lastSeq, epoch})
+   *  continues it. */
   history(streamId, {limit = 100, cursor = null, ...filters} = {}) {
     return this.api(`/api/streams/${encodeURIComponent(streamId)}/alerts`, {query: {limit, cursor, ...filters}});
   }
@@ -458,6 +462,13 @@ export class WatchoutClient {
         if (sub && m.ref === sub.ref) {
           sub.accepting = true;
           sub.status = m.status;
+          if (m.reset && sub.alerts) {
+            // our position was in another history of this stream id (deleted and created again, or a new
+            // database): the replay that follows starts the current one from its first alert
+            sub.lastSeq = 0;
+            this._emit("history-reset", {streamId: sub.streamId, epoch: m.epoch});
+          }
+          if (typeof m.epoch === "string") sub.epoch = m.epoch;
           this._emit("subscribed", m);
           this._emit("status", {streamId: m.streamId, status: m.status, timestamp: Date.now()});
         }
@@ -469,6 +480,7 @@ export class WatchoutClient {
           return;
         }
         sub.lastSeq = m.seq;
+        if (sub.epoch !== null) m.epoch = sub.epoch;  // (epoch, seq) names an alert across histories
         this._emit("alert", m);
         return;
       case "video-frame":
@@ -485,8 +497,8 @@ export class WatchoutClient {
         if (!sub) return;
         sub.lastReplay = m;
         this._emit("replay-complete", m);
-        if (!m.complete && m.lastSeq === sub.sinceSent && sub.sinceSent) {
-          // sinceSeq belongs to an older history of a re-created stream id: take the new one from its start.
+        if (!m.complete && !m.reset && m.lastSeq === sub.sinceSent && sub.sinceSent && sub.epoch === null) {
+          // a server without epochs: sinceSeq belonged to an older history; take the new one from its start.
           sub.lastSeq = 0;
           this._emit("history-reset", {streamId: sub.streamId});
           this._subscribe(sub);
@@ -529,19 +541,21 @@ export class WatchoutClient {
   async _startSubscription(sub) {
     const session = this._session;
     if (sub.alerts && sub.lastSeq === null) {
-      sub.lastSeq = await this._readLastSeq(sub.streamId);
+      [sub.lastSeq, sub.epoch] = await this._readPosition(sub.streamId);
       if (session !== this._session || !this.isReady || this._subs.get(sub.streamId) !== sub) return;
     }
     this._subscribe(sub);
   }
 
-  async _readLastSeq(streamId) {
+  /** [lastSeq, epoch] of the stream's history now, over REST; [0, null] for a stream not created yet. */
+  async _readPosition(streamId) {
     try {
-      return (await this.history(streamId, {limit: 1})).lastSeq;
+      const page = await this.history(streamId, {limit: 1});
+      return [page.lastSeq, page.epoch ?? null];
     } catch (err) {
-      if (err.status === 404) return 0;  // not created yet: all of its alerts will be new
+      if (err.status === 404) return [0, null];  // not created yet: all of its alerts will be new
       console.info(`watchout: no lastSeq for ${streamId} (${err.message}): live alerts only`);
-      return null;
+      return [null, null];
     }
   }
 
@@ -554,7 +568,10 @@ export class WatchoutClient {
     const message = {type: "subscribe", clientType: "dashboard", streamId: sub.streamId, consumes,
                      format: sub.binary ? "binary" : "json", id: sub.ref};
     sub.sinceSent = sub.alerts ? sub.lastSeq : null;
-    if (sub.sinceSent !== null) message.sinceSeq = sub.sinceSent;
+    if (sub.sinceSent !== null) {
+      message.sinceSeq = sub.sinceSent;
+      if (sub.epoch !== null) message.epoch = sub.epoch;
+    }
     this.send(message);
   }
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from watchout.settings import Settings
-from watchout.store.base import AlertFilter, Store, new_alert_id, utcnow
+from watchout.store.base import AlertFilter, Store, new_alert_id, new_epoch, utcnow
 
-__all__ = ["AlertFilter", "Store", "new_alert_id", "open_store", "utcnow"]
+__all__ = ["AlertFilter", "Store", "new_alert_id", "new_epoch", "open_store", "utcnow"]
 
 
 def open_store(settings: Settings) -> Store:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ Observer = Callable[[str, float], None]
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def new_epoch() -> str:
+    """A new identity for a stream's alert history (16 hex digits): given when the history starts."""
+    return secrets.token_hex(8)
 
 
 def new_alert_id() -> str:
@@ -102,7 +108,9 @@ class Store(Protocol):
     # ---------------------------------------------------------------- streams
     async def get_stream(self, stream_id: str) -> dict[str, Any] | None:
         """The stream document (streamId, ownerId, name, status, createdAt, lastSeenAt, lastFrameAt, alertSeq,
-        lastSeq, prunedSeq, metadata), or None."""
+        lastSeq, prunedSeq, epoch, metadata), or None. `epoch` names the stream's alert history: a stream
+        created again (after a deletion, or in a new database) starts a new history with a new epoch, so a
+        position (epoch, seq) from the old one is never taken for one in the new."""
 
     async def create_stream(self, stream_id: str, owner_id: str, name: str | None = None, *,
                             status: str = "offline", metadata: dict[str, Any] | None = None,

@@ -10,7 +10,7 @@ from bson import ObjectId
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from watchout.errors import StoreUnavailable, WriterBusy
-from watchout.store.base import AlertFilter, Measured, operation, utcnow
+from watchout.store.base import AlertFilter, Measured, new_epoch, operation, utcnow
 
 ASC, DESC = pymongo.ASCENDING, pymongo.DESCENDING
 DUPLICATE_KEY = {11000, 11001}
@@ -96,7 +96,7 @@ class MongoStore(Measured):
         now = utcnow()
         doc = {"_id": stream_id, "ownerId": owner_id, "name": name or stream_id, "status": status,
                "createdAt": now, "lastSeenAt": now if status != "offline" else None, "lastFrameAt": None,
-               "alertSeq": 0, "lastSeq": 0, "prunedSeq": 0, "metadata": metadata or {}}
+               "alertSeq": 0, "lastSeq": 0, "prunedSeq": 0, "epoch": new_epoch(), "metadata": metadata or {}}
         try:
             await self._streams.insert_one(doc)
         except DuplicateKeyError:
@@ -459,6 +459,8 @@ def _alert_query(flt: AlertFilter) -> dict[str, Any]:
 def _stream_out(doc: dict[str, Any]) -> dict[str, Any]:
     out = dict(doc)
     out["streamId"] = out.pop("_id")
+    if "epoch" not in out:  # created before histories had an identity: one derived from its creation, stable
+        out["epoch"] = f"c{int(out['createdAt'].timestamp() * 1000):015x}"
     out.pop("writer", None)
     out.pop("writerUntil", None)
     return out

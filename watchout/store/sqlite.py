@@ -22,7 +22,7 @@ import orjson
 
 from watchout import __version__
 from watchout.errors import ConfigError, StoreUnavailable, WriterBusy
-from watchout.store.base import AlertFilter, Measured, operation
+from watchout.store.base import AlertFilter, Measured, new_epoch, operation
 from watchout.store.dbthread import Database
 
 T = TypeVar("T")
@@ -124,11 +124,15 @@ CREATE TABLE job_runs (
 DROP INDEX alerts_time;
 CREATE INDEX alerts_time ON alerts (received_at, alert_id, stream_id, seq);
 CREATE INDEX snapshots_created ON snapshots (created_at);
+""", """
+-- 3: each stream's alert history has an identity, new when the history starts again
+ALTER TABLE streams ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
+UPDATE streams SET epoch = lower(hex(randomblob(8))) WHERE epoch = '';
 """)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _STREAM_COLUMNS = ("stream_id, owner_id, name, status, metadata, created_at, last_seen_at, last_frame_at, "
-                   "alert_seq, last_seq, pruned_seq")
+                   "alert_seq, last_seq, pruned_seq, epoch")
 _ALERT_COLUMNS = ("alert_id, stream_id, seq, owner_id, sender_id, severity, message, metadata, timestamp, "
                   "received_at, client_id, acknowledged_by, acknowledged_at, has_snapshot")
 _INSERT_ALERT = (f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?) "
@@ -269,11 +273,12 @@ class SQLiteStore(Measured):
                             exclusive: bool = False) -> dict[str, Any] | None:
         now = _ms(dt.datetime.now(dt.timezone.utc))
         row = (stream_id, owner_id, name or stream_id, status, _json(metadata or {}), now,
-               now if status != "offline" else None)
+               now if status != "offline" else None, new_epoch())
 
         def create(c: sqlite3.Connection) -> dict[str, Any] | None:
             inserted = c.execute("INSERT INTO streams (stream_id, owner_id, name, status, metadata, created_at, "
-                                 "last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", row).rowcount
+                                 "last_seen_at, epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                 row).rowcount
             if not inserted and exclusive:
                 return None
             return _get_stream(c, stream_id)
@@ -727,7 +732,7 @@ def _first(cursor: sqlite3.Cursor, convert: Callable[[Any], T]) -> T | None:
 def _stream_out(r: Any) -> dict[str, Any]:
     return {"streamId": r[0], "ownerId": r[1], "name": r[2], "status": r[3], "metadata": orjson.loads(r[4]),
             "createdAt": _dt(r[5]), "lastSeenAt": _dt_or_none(r[6]), "lastFrameAt": _dt_or_none(r[7]),
-            "alertSeq": r[8], "lastSeq": r[9], "prunedSeq": r[10]}
+            "alertSeq": r[8], "lastSeq": r[9], "prunedSeq": r[10], "epoch": r[11]}
 
 
 def _alert_out(r: Any) -> dict[str, Any]:
