@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -19,7 +20,7 @@ from watchout.errors import AuthTimeout, RateLimited, SlowConsumer, StoreUnavail
 from watchout.hub import Peer
 from watchout.outbox import Outbox
 from watchout.protocol import (Alert, Auth, Message, Ping, Register, Subscribe, Unsubscribe, VideoFrame,
-                               error_message, parse_binary, parse_text)
+                               dropped_ref, error_message, parse_binary, parse_text)
 from watchout.services import Services
 
 log = logging.getLogger("watchout.socket")
@@ -223,7 +224,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         self.peer.last_heard = time.monotonic()
         self.services.hub.bytes_in += len(message)
         try:
-            if not self._within_rate():
+            if not self._within_rate(message):
                 return None
             relay = self.services.relay
             msg = parse_binary(message) if isinstance(message, bytes) else parse_text(message, self.services.limits)
@@ -274,11 +275,13 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         if self.peer.principal is not None and not self.peer.outbox.is_closed:
             self._watch_expiry()
 
-    def _within_rate(self) -> bool:
+    def _within_rate(self, message: str | bytes) -> bool:
         """Token bucket; over the limit a message is refused, and sustained for a second, 4429.
 
         A flood still gets a message through each time a token refills, so an admitted message does
-        not end a period of limiting; only a second without refusals does.
+        not end a period of limiting; only a second without refusals does. A refused message with an
+        `id` is answered each time (`ref`), others at most every 0.1 s; `retryAfterMs` is when the
+        bucket has a token again.
         """
         s = self.services.settings
         now = time.monotonic()
@@ -293,9 +296,14 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
         self._c.refused_at = now
         if now - self._c.limited_since > 1.0:
             self._fail(RateLimited("message rate limit exceeded for too long"), None)
-        elif now - self._c.limited_replied > 0.1:
-            self._c.limited_replied = now
-            self.peer.send(error_message("rate-limited", "too many messages; this one was dropped"))
+        else:
+            ref = None if isinstance(message, bytes) else dropped_ref(message, self.services.limits)
+            if ref is not None or now - self._c.limited_replied > 0.1:
+                if ref is None:
+                    self._c.limited_replied = now
+                reply = error_message("rate-limited", "too many messages; this one was dropped", ref)
+                reply["retryAfterMs"] = max(1, math.ceil((1.0 - c.tokens) * 1000 / s.rate_limit_msgs_per_s))
+                self.peer.send(reply)
         return False
 
     def _fail(self, exc: WatchoutError, ref: str | None) -> None:

@@ -44,6 +44,9 @@ State = Literal["idle", "connecting", "open", "ready", "waiting", "closed"]
 TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
 REFRESH_AT = 0.8  # refresh a token when this fraction of its lifetime has passed
 MIN_REFRESH_S = 1.0
+# Alerts refused for the rate limit go again this much slower than the server advised, so that timing jitter
+# does not overrun it again (a connection over it for more than a second is closed).
+RATE_SLACK = 1.25
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -154,6 +157,7 @@ class ServerError:
     message: str
     ref: str | None = None
     stream_id: str | None = None
+    retry_after_ms: int | None = None  # rate-limited: when the connection may send a message again
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +197,9 @@ def parse_message(raw: str | bytes) -> Message | None:
     if kind == "replay-complete":
         return ReplayComplete(m["streamId"], int(m["lastSeq"]), bool(m["complete"]))
     if kind == "error":
-        return ServerError(m["code"], m.get("message", ""), m.get("ref"), m.get("streamId"))
+        retry = m.get("retryAfterMs")
+        return ServerError(m["code"], m.get("message", ""), m.get("ref"), m.get("streamId"),
+                           int(retry) if isinstance(retry, (int, float)) and retry >= 0 else None)
     return Reply(kind, m.get("ref"), m.get("streamId"), m)
 
 
@@ -349,6 +355,9 @@ class Connection:
         self._unauthorized = 0  # 4401 closes since the last ready connection
         self._server_error: ServerError | None = None  # the last error of this connection (explains a close)
         self._alerts: dict[str, _PendingAlert] = {}
+        self._paced: deque[str] = deque()  # ids of alerts refused with rate-limited: sent again one at a time
+        self._pacer: asyncio.TimerHandle | None = None
+        self._pace_s = 0.0  # the interval between them, as the server advised
         self._listeners: list[Callable[[Message], None]] = []
         self._state_listeners: list[Callable[[State], None]] = []
         self._ready = asyncio.Event()
@@ -416,8 +425,9 @@ class Connection:
     async def send_alert(self, stream_id: str, message: str, severity: str = "high", *,
                          metadata: dict[str, Any] | None = None, timestamp_ms: int | float | None = None,
                          snapshot: bytes | None = None, alert_id: str | None = None) -> Ack:
-        """Send an alert and wait for its `ack`; resent with the same id after a reconnect or
-        `store-unavailable`, so it is stored once. Raises AlertRejected, or the fatal close error."""
+        """Send an alert and wait for its `ack`; resent with the same id after a reconnect,
+        `store-unavailable` or `rate-limited`, so it is stored once. Raises AlertRejected, or the fatal
+        close error."""
         return await asyncio.shield(self._submit_alert(stream_id, message, severity, metadata=metadata,
                                                        timestamp_ms=timestamp_ms, snapshot=snapshot,
                                                        alert_id=alert_id))
@@ -459,6 +469,7 @@ class Connection:
         self._unauthorized = 0
         self._set_state("ready")
         self._ready.set()
+        self._stop_pacing()  # a new connection has a full rate allowance
         for pending in list(self._alerts.values()):
             if pending.session != self._session:
                 self._send_alert(pending)
@@ -491,7 +502,9 @@ class Connection:
             body["snapshot"] = pybase64.b64encode(snapshot).decode("ascii")
         pending = _PendingAlert(body, asyncio.get_running_loop().create_future())
         self._alerts[alert_id] = pending
-        if self.is_ready:
+        if self._paced:
+            self._paced.append(alert_id)  # behind the alerts the rate limit refused
+        elif self.is_ready:
             self._send_alert(pending)
         return pending.future
 
@@ -619,8 +632,10 @@ class Connection:
                 self._server_error = message
             if isinstance(message, (Ack, ServerError)) and message.ref in self._alerts:
                 self._settle_alert(message)
-            elif isinstance(message, ServerError) and message.code == "rate-limited":
-                self._resend_alerts_later(1.0, unanswered=True)  # the server dropped some messages unread
+            elif isinstance(message, ServerError) and message.code == "rate-limited" and message.ref is None:
+                # dropped unread, and the server does not say which message (an older server): every alert
+                # sent on this connection without an ack may have been
+                self._resend_alerts_later(1.0, unanswered=True)
             self._received(message)
             for listener in list(self._listeners):
                 listener(message)
@@ -638,10 +653,45 @@ class Connection:
             pending.retries += 1
             pending.session = 0  # not stored: send again
             self._resend_alerts_later(self.backoff.delay_s(pending.retries) + 0.05)
+        elif message.code == "rate-limited":
+            pending.retries += 1
+            retry_s = (message.retry_after_ms / 1000 if message.retry_after_ms is not None
+                       else self.backoff.delay_s(pending.retries) + 0.05)
+            self._pace(pending, retry_s)
         else:
             del self._alerts[message.ref]
             if not pending.future.done():
                 pending.future.set_exception(AlertRejected(message.message, code=message.code))
+
+    def _pace(self, pending: _PendingAlert, interval_s: float) -> None:
+        """Send a refused alert again behind those already waiting, one every `interval_s` (the time the
+        server advised for its rate limit to allow one more message), so they do not overrun it again."""
+        pending.session = 0  # dropped unread: send again
+        if pending.message["id"] not in self._paced:
+            self._paced.append(pending.message["id"])
+        self._pace_s = max(self._pace_s, interval_s * RATE_SLACK)
+        if self._pacer is None:
+            self._pacer = asyncio.get_running_loop().call_later(self._pace_s, self._send_paced)
+
+    def _send_paced(self) -> None:
+        self._pacer = None
+        while self._paced and self._paced[0] not in self._alerts:
+            self._paced.popleft()  # acknowledged meanwhile
+        if not self._paced or not self.is_ready:
+            self._stop_pacing()  # disconnected: all of them go again once ready
+            return
+        self._send_alert(self._alerts[self._paced.popleft()])
+        if self._paced:
+            self._pacer = asyncio.get_running_loop().call_later(self._pace_s, self._send_paced)
+        else:
+            self._pace_s = 0.0
+
+    def _stop_pacing(self) -> None:
+        if self._pacer is not None:
+            self._pacer.cancel()
+            self._pacer = None
+        self._paced.clear()
+        self._pace_s = 0.0
 
     def _resend_alerts_later(self, delay_s: float, unanswered: bool = False) -> None:
         """Send again the alerts refused on this connection, or with `unanswered` all without an ack."""
@@ -650,6 +700,8 @@ class Connection:
         def resend() -> None:
             if self._session == session and self.is_ready:
                 for pending in list(self._alerts.values()):
+                    if pending.message["id"] in self._paced:
+                        continue  # waits for its turn under the rate limit
                     if pending.session == 0 or (unanswered and pending.session == session):
                         self._send_alert(pending)
         asyncio.get_running_loop().call_later(delay_s, resend)
@@ -659,6 +711,7 @@ class Connection:
             return
         self._stopping = True
         self.error = error
+        self._stop_pacing()
         for task in list(self._background):
             task.cancel()
         failure = error or WatchoutClientError("the connection was closed before the alert was acknowledged")

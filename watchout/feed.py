@@ -1,7 +1,8 @@
 """AlertFeed: a stream's alerts reach this node's watchers in seq order, once each, gaps filled from the store.
 
 Alerts come in batches, from this node's intake or from another node through the broker, each with
-`prev`: the stream's committed lastSeq before the batch was stored. Every alert up to `prev` is in
+`prev`: the stream's committed lastSeq before the batch was stored (or, from a replay that read stored
+alerts this node had not delivered yet, the seq it read them after). Every alert up to `prev` is in
 the store, so when this node has delivered less than `prev` something was missed (Redis pub/sub is
 at-most-once, or two nodes wrote one after the other and their batches crossed): the missing alerts
 are read from the store and sent first. Seqs the store never kept (duplicates, failed writes) are

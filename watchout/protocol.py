@@ -453,6 +453,22 @@ def parse_text(text: str, limits: Limits) -> Message:
     return _dispatch(obj, limits)
 
 
+def dropped_ref(text: str, limits: Limits) -> str | None:
+    """The `id` of a text message dropped unread (over the rate limit), for its error's `ref`.
+
+    None for a video frame, for a message over `max_control_bytes` (neither is parsed: a flood must stay
+    cheap) and for one without a readable `id`. Nothing else of the message is checked.
+    """
+    if len(text) > limits.max_control_bytes or '"video-frame"' in text[:256]:
+        return None
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return value if _is_text(value, MAX_ID_CHARS) else None
+
+
 def parse_binary(data: bytes) -> VideoFrame:
     """Parse one binary message: always a video frame in the binary layout (watchout.frames)."""
     stream_id, frame = parse_binary_frame(data)

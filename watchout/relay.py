@@ -194,12 +194,18 @@ class Relay:
                 page = await self.store.replay(sid, last, REPLAY_PAGE)
                 if not self._still_replaying(peer, state):
                     return
-                # Only what this node has delivered live already: an alert stored but not yet fanned out
-                # reaches this watcher through the hold buffer, and must not come twice.
+                # Only what this node has delivered live already; the rest of the page goes to the node's
+                # feed, which sends it once, in order, to every watcher here (to this one through the hold
+                # buffer) and skips it when its batch is fanned out. Waiting for that fan-out is not
+                # enough: the node may have started following the stream from a read taken just before
+                # the batch was fanned out to nobody here (or missed it from Redis), and then nothing
+                # would send it before the stream's next alert.
                 delivered = state.alert_seq
                 caught_up = len(page) < REPLAY_PAGE
-                for alert in page:
+                for index, alert in enumerate(page):
                     if delivered is not None and alert["seq"] > delivered:
+                        self.intake.feed.deliver(state, last, [(a["seq"], encode(alert_event(a)))
+                                                               for a in page[index:]])
                         caught_up = True
                         break
                     peer.outbox.send(Outgoing(encode(alert_event(alert))))
