@@ -508,3 +508,45 @@ async def test_alerts_reach_the_producer_and_messages_are_typed(server, token, w
         assert (alert.stream_id, alert.seq, alert.severity, alert.metadata["objectType"]) == (STREAM, 1, "high",
                                                                                               "person")
         assert isinstance(alert.received_at_ms, int) and not alert.has_snapshot
+
+
+async def test_a_watcher_across_a_restart_on_a_new_database_ends_with_exactly_the_stored_list(settings, token):
+    """Issue 12, defect 1: a Watcher had seen seq 1-50; the server came back on an empty database and stored
+    80 new alerts (seq 1-80). It must not resume at 51: its epoch tells the server its position was in
+    another history, which is replayed from the start; (epoch, seq) then names every alert it yielded."""
+    stores = [SQLiteStore(":memory:"), SQLiteStore(":memory:")]
+    for store in stores:
+        await store.start()
+    server, stop = await _serve(settings, stores[0])
+    port = server.port
+    got: list[Alert] = []
+    dash = Watcher(server.ws_url, lambda: token("alice"), STREAM, video=False, since_seq=0, backoff=FAST)
+    dash.resubscribe_s = 0.1  # the stream does not exist yet on each database when it first asks
+    async with dash:
+
+        async def collect() -> None:
+            async for alert in dash.alerts():
+                got.append(alert)
+        reader = asyncio.create_task(collect())
+        try:
+            for store, count in ((stores[0], 50), (stores[1], 80)):
+                if store is stores[1]:
+                    await stop(abrupt=True)
+                    server, stop = await _serve(settings, store, port)  # the same address, a new database
+                async with Producer(server.ws_url, lambda: token("alice"), STREAM, alerts=False) as phone:
+                    await phone.wait_ready(5)
+                    async with Connection(server.ws_url, _service_token(token), backoff=FAST) as ml:
+                        await ml.wait_ready(5)
+                        for i in range(count):
+                            await ml.send_alert(STREAM, f"alert {i}", alert_id=f"{count}-{i}")
+                    await _until(lambda: len(got) == 50 + (count if count == 80 else 0), what=f"{count} alerts")
+        finally:
+            reader.cancel()
+            await stop()
+    first, second = {a.epoch for a in got[:50]}, {a.epoch for a in got[50:]}
+    assert len(first) == len(second) == 1 and first != second and None not in first | second
+    stored = await stores[1].replay(STREAM, 0, 1000)
+    assert [(a.seq, a.alert_id) for a in got[50:]] == [(a["seq"], a["alertId"]) for a in stored]  # 1..80, not 51..80
+    assert [a.seq for a in got[:50]] == list(range(1, 51)) and dash.history_resets == 1
+    for store in stores:
+        store.close()

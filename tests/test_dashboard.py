@@ -375,8 +375,21 @@ EPOCH_SCRIPT = "async () => {" + FAKE_SOCKET + """
   socket = FakeSocket.all[1];
   const second = await answer(socket);
   client.close();
-  return {first: [first.sinceSeq, first.epoch], second: [second.sinceSeq, second.epoch], events,
-          subscribes: FakeSocket.all.map((f) => f.sent.filter((m) => m.type === "subscribe").length)};
+  const subscribes = FakeSocket.all.map((f) => f.sent.filter((m) => m.type === "subscribe").length);
+
+  FakeSocket.all = [];  // a position without its epoch, beyond the history's end: start the history again
+  const legacy = new WatchoutClient({url: "ws://fake/ws", token: "t", WebSocketImpl: FakeSocket});
+  legacy.watch("porch", {sinceSeq: 9, video: false});
+  legacy.start();
+  await until(() => FakeSocket.all.length === 1);
+  socket = FakeSocket.all[0];
+  const asked = await answer(socket);
+  socket.recv({type: "replay-complete", streamId: "porch", lastSeq: 9, complete: false});
+  await until(() => socket.sent.length >= 3);
+  const again = socket.sent[2];
+  legacy.close();
+  return {first: [first.sinceSeq, first.epoch], second: [second.sinceSeq, second.epoch], events, subscribes,
+          legacy: [asked.sinceSeq, asked.epoch ?? null, again.type, again.sinceSeq]};
 }"""
 
 
@@ -388,6 +401,7 @@ async def test_client_module_starts_a_new_history_from_its_first_alert_and_resum
     assert result["events"] == [["reset", "new"], ["alert", "new", 1], ["alert", "new", 2], ["alert", "new", 3]]
     assert result["second"] == [3, "new"]  # resumes in the new history
     assert result["subscribes"] == [1, 1]  # no extra subscribe after the reset
+    assert result["legacy"] == [9, None, "subscribe", 0]
     tab.assert_clean()
     await tab.context.close()
 

@@ -110,6 +110,7 @@ class Alert:
     has_snapshot: bool = False
     acknowledged_by: str | None = None
     acknowledged_at_ms: int | None = None
+    epoch: str | None = None  # the stream history it belongs to: (epoch, seq) names it across histories
 
     @classmethod
     def from_json(cls, m: dict[str, Any]) -> Alert:
@@ -149,6 +150,7 @@ class ReplayComplete:
     stream_id: str
     last_seq: int
     complete: bool  # False: alerts after sinceSeq may be gone, or sinceSeq is from another history
+    reset: bool = False  # the replay started the stream's current history from its first alert
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +197,7 @@ def parse_message(raw: str | bytes) -> Message | None:
         return Frame(m["streamId"], pybase64.b64decode(m["data"]), int(m["timestamp"]), int(m.get("width", 0)),
                      int(m.get("height", 0)))
     if kind == "replay-complete":
-        return ReplayComplete(m["streamId"], int(m["lastSeq"]), bool(m["complete"]))
+        return ReplayComplete(m["streamId"], int(m["lastSeq"]), bool(m["complete"]), m.get("reset") is True)
     if kind == "error":
         retry = m.get("retryAfterMs")
         return ServerError(m["code"], m.get("message", ""), m.get("ref"), m.get("streamId"),

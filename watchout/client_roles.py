@@ -8,7 +8,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -121,7 +121,8 @@ class _Subscriber(Connection):
     resubscribe_s = 7.0
 
     def __init__(self, url: str, token: TokenSource, stream_id: str, *, video: bool, alerts: bool, binary: bool,
-                 since_seq: int | None, api_url: str | None, backoff: Backoff | None) -> None:
+                 since_seq: int | None, api_url: str | None, backoff: Backoff | None, epoch: str | None = None
+                 ) -> None:
         super().__init__(url, token, backoff=backoff)
         self.stream_id = _checked_stream_id(stream_id)
         self.video = video
@@ -129,6 +130,8 @@ class _Subscriber(Connection):
         self.binary = binary
         self.api_url = api_url or api_base(url)
         self.last_seq = since_seq  # the last alert seq delivered: the next subscribe's sinceSeq
+        self.epoch = epoch  # the history last_seq belongs to (from `subscribed` or the REST history)
+        self.history_resets = 0  # times the server started the stream's current history over for us
         self.stream_status: str | None = None
         self.last_replay: ReplayComplete | None = None
         self.alert_repeats = 0  # alerts dropped because their seq was delivered already
@@ -136,6 +139,7 @@ class _Subscriber(Connection):
         self._subscribes = 0
         self._subscribe_ref: str | None = None
         self._since_sent: int | None = None
+        self._epoch_sent: str | None = None
         self._accepting = False  # alerts count only after the current subscribe's `subscribed`
         self._retry: asyncio.TimerHandle | None = None
 
@@ -145,7 +149,7 @@ class _Subscriber(Connection):
 
     async def _opened(self) -> None:
         if self.consume_alerts and self.last_seq is None:
-            self.last_seq = await self._read_last_seq()
+            self.last_seq, self.epoch = await self._read_position()
         self._subscribe()
 
     def _subscribe(self) -> None:
@@ -159,8 +163,11 @@ class _Subscriber(Connection):
                                    "consumes": consumes, "format": "binary" if self.binary else "json",
                                    "id": self._subscribe_ref}
         self._since_sent = self.last_seq if self.consume_alerts else None
+        self._epoch_sent = self.epoch if self._since_sent is not None else None
         if self._since_sent is not None:
             message["sinceSeq"] = self._since_sent
+            if self._epoch_sent is not None:
+                message["epoch"] = self._epoch_sent
         self.send(message)
 
     def _resubscribe_later(self) -> None:
@@ -178,6 +185,14 @@ class _Subscriber(Connection):
             if message.type == "subscribed" and message.ref == self._subscribe_ref:
                 self._accepting = True
                 self.stream_status = message.fields.get("status")
+                if message.fields.get("reset") is True and self.consume_alerts:
+                    # our position was in another history of the stream id (deleted and created again, or a
+                    # new database): the replay that follows starts the current one at its first alert
+                    self.last_seq = 0
+                    self.history_resets += 1
+                epoch = message.fields.get("epoch")
+                if isinstance(epoch, str):
+                    self.epoch = epoch
                 self._mark_ready()
         elif isinstance(message, ServerError):
             ours = message.ref == self._subscribe_ref or (message.ref is None and message.stream_id == self.stream_id)
@@ -196,8 +211,10 @@ class _Subscriber(Connection):
             self.stream_status = message.status
         elif isinstance(message, ReplayComplete):
             self.last_replay = message
-            if not message.complete and message.last_seq == self._since_sent and self._since_sent:
-                self.last_seq = 0  # sinceSeq was from another history of this stream id: replay that one
+            if not message.complete and not message.reset and self._epoch_sent is None \
+                    and message.last_seq == self._since_sent and self._since_sent:
+                # a position sent without its epoch, beyond the history's end: from another history
+                self.last_seq = 0
                 self._subscribe()
 
     def _take_alert(self, alert: Alert) -> None:
@@ -207,7 +224,7 @@ class _Subscriber(Connection):
             self.alert_repeats += 1
             return
         self.last_seq = alert.seq
-        self._alert_feed.put(alert)
+        self._alert_feed.put(alert if self.epoch is None else replace(alert, epoch=self.epoch))
 
     def _take_frame(self, frame: Frame) -> None:
         """A video frame of the stream."""
@@ -217,19 +234,20 @@ class _Subscriber(Connection):
             self._retry.cancel()
         self._alert_feed.end(error)
 
-    async def _read_last_seq(self) -> int | None:
-        """The stream's lastSeq from the REST API, so that the first subscribe continues from now.
+    async def _read_position(self) -> tuple[int | None, str | None]:
+        """The stream's (lastSeq, epoch) from the REST API, so that the first subscribe continues from now.
 
-        0 for a stream that does not exist yet: all of its alerts will be new.
+        (0, None) for a stream that does not exist yet: all of its alerts will be new.
         """
         try:
             page = await self._api_get(f"/api/streams/{urllib.parse.quote(self.stream_id)}/alerts", {"limit": 1})
-            return int(page["lastSeq"])
+            epoch = page.get("epoch")
+            return int(page["lastSeq"]), epoch if isinstance(epoch, str) else None
         except (OSError, ValueError, KeyError, WatchoutClientError, tornado.httpclient.HTTPClientError) as exc:
             if isinstance(exc, WatchoutClientError) and exc.code == "not-found":
-                return 0
+                return 0, None
             log.info("no lastSeq for %s (%s): subscribing for live alerts only", self.stream_id, exc)
-            return None
+            return None, None
 
     async def _api_get(self, path: str, query: dict[str, Any]) -> dict[str, Any]:
         token = await self._tokens.get()
@@ -254,10 +272,10 @@ class Watcher(_Subscriber):
     """
 
     def __init__(self, url: str, token: TokenSource, stream_id: str, *, video: bool = True, alerts: bool = True,
-                 binary: bool = True, since_seq: int | None = None, max_queued_frames: int = 8,
-                 api_url: str | None = None, backoff: Backoff | None = None) -> None:
+                 binary: bool = True, since_seq: int | None = None, epoch: str | None = None,
+                 max_queued_frames: int = 8, api_url: str | None = None, backoff: Backoff | None = None) -> None:
         super().__init__(url, token, stream_id, video=video, alerts=alerts, binary=binary, since_seq=since_seq,
-                         api_url=api_url, backoff=backoff)
+                         api_url=api_url, backoff=backoff, epoch=epoch)
         self._frame_feed: Feed[Frame] = Feed(maxlen=max_queued_frames)
 
     def frames(self) -> Feed[Frame]:
@@ -272,19 +290,21 @@ class Watcher(_Subscriber):
         path = f"/api/streams/{urllib.parse.quote(self.stream_id)}/alerts"
         items: list[Alert] = []
         last_seq: int | None = None
+        epoch: str | None = None
         cursor: str | None = None
         while True:
             page = await self._api_get(path, {"limit": HISTORY_PAGE, "cursor": cursor})
             if last_seq is None:
                 last_seq = int(page["lastSeq"])  # every later page is pinned to the first page's lastSeq
-            items.extend(Alert.from_json(item) for item in page["items"])
+                epoch = page.get("epoch") if isinstance(page.get("epoch"), str) else None
+            items.extend(replace(Alert.from_json(item), epoch=epoch) for item in page["items"])
             cursor = page.get("nextCursor")
             if not cursor:
                 break
         items.reverse()
         if self.consume_alerts:
             self._alert_feed.clear()
-            self.last_seq = last_seq
+            self.last_seq, self.epoch = last_seq, epoch
             if self.state in ("open", "ready"):
                 self._subscribe()
         return items

@@ -103,6 +103,7 @@ class Subscription {
     this.alertRepeats = 0;     // alerts dropped because their seq was delivered already
     this.ref = null;
     this.sinceSent = null;
+    this.epochSent = null;
     this.accepting = false;    // alerts count only after the current subscribe's `subscribed`
     this.retry = null;
   }
@@ -497,8 +498,9 @@ export class WatchoutClient {
         if (!sub) return;
         sub.lastReplay = m;
         this._emit("replay-complete", m);
-        if (!m.complete && !m.reset && m.lastSeq === sub.sinceSent && sub.sinceSent && sub.epoch === null) {
-          // a server without epochs: sinceSeq belonged to an older history; take the new one from its start.
+        if (!m.complete && !m.reset && m.lastSeq === sub.sinceSent && sub.sinceSent && sub.epochSent === null) {
+          // a position sent without its epoch, beyond the history's end: from an older history of the
+          // stream id; take the current one from its start.
           sub.lastSeq = 0;
           this._emit("history-reset", {streamId: sub.streamId});
           this._subscribe(sub);
@@ -568,9 +570,10 @@ export class WatchoutClient {
     const message = {type: "subscribe", clientType: "dashboard", streamId: sub.streamId, consumes,
                      format: sub.binary ? "binary" : "json", id: sub.ref};
     sub.sinceSent = sub.alerts ? sub.lastSeq : null;
+    sub.epochSent = sub.sinceSent !== null ? sub.epoch : null;
     if (sub.sinceSent !== null) {
       message.sinceSeq = sub.sinceSent;
-      if (sub.epoch !== null) message.epoch = sub.epoch;
+      if (sub.epochSent !== null) message.epoch = sub.epochSent;
     }
     this.send(message);
   }
