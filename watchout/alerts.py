@@ -78,6 +78,11 @@ class AlertIntake:
         if alert.stream_id not in self._tasks:
             self._tasks[alert.stream_id] = asyncio.create_task(self._drain(state))
 
+    @property
+    def is_idle(self) -> bool:
+        """No alert is waiting to be stored."""
+        return not self._tasks
+
     async def drain(self) -> None:
         """Wait until every accepted alert is stored and acknowledged (graceful shutdown)."""
         while self._tasks:

@@ -414,13 +414,7 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
             if admin is not None:
                 admin.stop()
             stopping_jobs = asyncio.create_task(jobs.stop(settings.shutdown_timeout_s))  # alongside the drain
-            try:
-                await asyncio.wait_for(services.relay.drain(), settings.shutdown_timeout_s)
-            except TimeoutError:
-                log.error("pending writes did not finish within %.1f s", settings.shutdown_timeout_s)
-            await stopping_jobs
-            for peer in list(services.hub.peers.values()):
-                peer.close(1001, "server shutting down")
+            await _close_when_drained(services, settings.shutdown_timeout_s, stopping_jobs)
             await _wait_closed(services.hub.peers, settings.shutdown_timeout_s)
             await jobs.save_figures()
             keep_alive.cancel()
@@ -440,6 +434,27 @@ def _reload(services: Services, load: Callable[[], Settings], notifier: Notifier
     notifier.reloading()
     reloaded = reload_settings(services, load)
     notifier.ready(status if reloaded else f"{status}; last reload refused, see the log")
+
+
+async def _close_when_drained(services: Services, timeout_s: float, stopping_jobs: asyncio.Task[None]) -> None:
+    """Close every connection with 1001 once no alert write is pending (at most `timeout_s`): an alert read
+    while the writes drained starts another write, so the check that nothing is pending and the closes
+    happen in one step, and every alert read before the close is acknowledged before it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            await asyncio.wait_for(services.relay.drain(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            log.error("pending writes did not finish within %.1f s", timeout_s)
+            break
+        if not stopping_jobs.done():
+            await stopping_jobs
+            continue
+        if services.relay.is_idle:
+            break
+    for peer in list(services.hub.peers.values()):
+        peer.close(1001, "server shutting down")
 
 
 async def _wait_closed(peers: Mapping[str, object], timeout_s: float) -> None:

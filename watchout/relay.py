@@ -296,6 +296,11 @@ class Relay:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    @property
+    def is_idle(self) -> bool:
+        """No alert write, fill or background store call is pending."""
+        return self.intake.is_idle and not self._background
+
     async def drain(self) -> None:
         """Finish pending alert writes and status updates (graceful shutdown)."""
         await self.intake.drain()
