@@ -10,9 +10,9 @@ from typing import Any
 
 from watchout.broker import AlertItems, Broker
 from watchout.errors import StoreUnavailable, WriterBusy
-from watchout.feed import AlertFeed
 from watchout.hub import Hub, Peer, StreamState
 from watchout.protocol import Alert, encode, error_message
+from watchout.sequencer import Sequencer
 from watchout.store import Store, new_alert_id, utcnow
 from watchout.views import alert_event
 
@@ -47,11 +47,11 @@ class AlertIntake:
     node at a time writes a stream's alerts and the committed lastSeq stays a true watermark.
     """
 
-    def __init__(self, store: Store, hub: Hub, feed: AlertFeed, broker: Broker,
+    def __init__(self, store: Store, hub: Hub, sequencer: Sequencer, broker: Broker,
                  on_latency: Callable[[float], None] | None = None) -> None:
         self._store = store
         self._hub = hub
-        self.feed = feed
+        self.sequencer = sequencer
         self._broker = broker
         self._lease_s = WRITER_LEASE_S if broker.is_shared else 0.0
         self._on_latency = on_latency  # seconds from arrival to fan-out, per alert
@@ -155,7 +155,7 @@ class AlertIntake:
         self._broker.alerts(sid, prev, items)
         live = self._hub.streams.get(sid)  # the watchers' state, also when they came during the write
         if live is not None:
-            self.feed.deliver(live, prev, items)
+            self.sequencer.deliver(live, prev, items)
         if self._on_latency is not None:
             now = time.perf_counter()
             for p in fanned_out:

@@ -11,10 +11,10 @@ import orjson
 
 from watchout.broker import AlertItems
 from watchout.errors import InvalidMessage, StoreUnavailable
-from watchout.feed import AlertFeed
 from watchout.frames import parse_binary_frame
 from watchout.hub import Hub, StreamState, close_replaced, status_message
 from watchout.protocol import error_message
+from watchout.sequencer import Sequencer
 from watchout.store import Store
 
 log = logging.getLogger("watchout.cluster")
@@ -23,9 +23,9 @@ log = logging.getLogger("watchout.cluster")
 class ClusterSink:
     """Delivers other nodes' frames, alerts and events to this node's clients (never awaits on that path)."""
 
-    def __init__(self, hub: Hub, feed: AlertFeed, store: Store) -> None:
+    def __init__(self, hub: Hub, sequencer: Sequencer, store: Store) -> None:
         self._hub = hub
-        self._feed = feed
+        self._sequencer = sequencer
         self._store = store
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -44,7 +44,7 @@ class ClusterSink:
     def on_alerts(self, stream_id: str, prev: int, items: AlertItems) -> None:
         state = self._hub.streams.get(stream_id)
         if state is not None:
-            self._feed.deliver(state, prev, items)
+            self._sequencer.deliver(state, prev, items)
 
     def on_status(self, stream_id: str, message: bytes) -> None:
         state = self._hub.streams.get(stream_id)
@@ -103,7 +103,7 @@ class ClusterSink:
         if state.producer is None and doc.get("status") and doc["status"] != state.status:
             status = str(doc["status"])
             self._hub.deliver_status(state, status, status_message(stream_id, status))
-        self._feed.deliver(state, int(doc.get("lastSeq", 0)), [])
+        self._sequencer.deliver(state, int(doc.get("lastSeq", 0)), [])
 
     def local_producers(self) -> list[tuple[str, str]]:
         return [(s.stream_id, s.producer.id) for s in self._hub.streams.values() if s.producer is not None]
@@ -125,13 +125,11 @@ def _status_of(message: bytes) -> str | None:
 
 
 def initial_state(state: StreamState, doc: dict[str, Any] | None, *, status: bool) -> None:
-    """A stream this node starts to follow: its alert watermark (and, with `status`, its status: the
-    producer may be on another node) as the store knows them."""
+    """A stream this node starts to follow: its history's epoch (and, with `status`, its status: the
+    producer may be on another node) as the store knows them. Its alert watermark is the sequencer's."""
     if doc is None:
         return
     if status and state.producer is None and doc.get("status") in ("online", "streaming", "offline"):
         state.status = str(doc["status"])
-    if state.alert_seq is None:
-        state.alert_seq = int(doc.get("lastSeq", 0))
     if state.epoch is None:
         state.epoch = doc.get("epoch")

@@ -15,7 +15,6 @@ from watchout.protocol import encode, error_message
 STATUS_OFFLINE, STATUS_ONLINE, STATUS_STREAMING = "offline", "online", "streaming"
 EVENTS, VIDEO = 1, 2  # the broker channels of a stream a node listens to
 FPS_WINDOW_S = 2.0
-MAX_REPLAY_BUFFER = 10_000
 
 
 def status_message(stream_id: str, status: str) -> bytes:
@@ -107,7 +106,8 @@ class StreamState:
         self.fps = 0.0  # frames per second over the last complete 2 s window
         self.tallied = (0, 0, 0)  # frames_in, frames_relayed, frames_dropped already handed to take_tallies()
         self.online_since = 0.0  # wall time from which the producer's online time is not tallied yet; 0: none
-        self.alert_seq: int | None = None  # the last alert seq delivered here (watchout.feed); None: not yet known
+        # the next three are watchout.sequencer's: alert order on this node
+        self.alert_seq: int | None = None  # the last alert seq delivered here; None: not yet known
         self.alert_backlog: list[tuple[int, AlertItems]] | None = None  # batches waiting behind a gap fill
         self.channels = 0  # what this node asked the broker for: 0 nothing, EVENTS, EVENTS | VIDEO
         self.epoch: str | None = None  # the identity of the stream's alert history, as the store gave it
@@ -195,32 +195,21 @@ class Hub:
         self._sync_channels(state)
         return previous
 
-    def add_watcher(self, state: StreamState, peer: Peer, sub: Subscription, *, replaying: bool = False) -> None:
-        """Add a watcher; with `replaying`, its live alerts are held until finish_replay()."""
+    def add_watcher(self, state: StreamState, peer: Peer, sub: Subscription, *, live_alerts: bool = True) -> None:
+        """Add a watcher; without `live_alerts` it gets the stream's alerts only once make_alert_watcher() is
+        called (a replaying watcher: watchout.sequencer holds its live alerts meanwhile)."""
         self._drop_watcher(state, peer)
         state.watchers[peer] = sub
         peer.watching[state.stream_id] = sub
         if sub.video:
             (state.binary_video if sub.binary else state.json_video)[peer] = None
-        if sub.alerts:
-            if replaying:
-                state.replaying[peer] = []
-            else:
-                state.alert_watchers[peer] = None
+        if sub.alerts and live_alerts:
+            state.alert_watchers[peer] = None
         self._sync_channels(state)
 
-    def finish_replay(self, state: StreamState, peer: Peer, last_seq: int) -> int:
-        """Send the live alerts held during the replay that it did not already cover, and make the
-        watcher live, in one step (no alert can slip between). Returns the last seq sent."""
-        held = state.replaying.pop(peer, None)
-        if held is None:
-            return last_seq
-        for seq, message in held:
-            if seq > last_seq:
-                peer.outbox.send(message)
-                last_seq = seq
+    @staticmethod
+    def make_alert_watcher(state: StreamState, peer: Peer) -> None:
         state.alert_watchers[peer] = None
-        return last_seq
 
     def remove_watcher(self, state: StreamState, peer: Peer) -> None:
         self._drop_watcher(state, peer)
@@ -372,19 +361,11 @@ class Hub:
         state.frames_relayed += len(state.json_video) + len(state.binary_video)
         state.frames_dropped += dropped
 
-    def deliver_alert(self, state: StreamState, payload: bytes, seq: int) -> None:
-        """Send one alert to this node's alert watchers (watchout.feed keeps the order)."""
-        message = Outgoing(payload)
+    @staticmethod
+    def send_to_alert_watchers(state: StreamState, message: Outgoing) -> None:
+        """One alert to this node's live alert watchers (watchout.sequencer decides which and when)."""
         for peer in state.alert_watchers:
             peer.outbox.send(message)
-        if not state.replaying:
-            return
-        for peer, held in list(state.replaying.items()):
-            held.append((seq, message))
-            if len(held) > MAX_REPLAY_BUFFER:  # the replay cannot keep up: this watcher must reconnect
-                state.replaying.pop(peer, None)
-                peer.send({"type": "error", "code": "slow-consumer", "message": "replay fell too far behind"})
-                peer.close(4413, "replay fell too far behind")
 
     def publish_to_watchers(self, stream_id: str, message: dict[str, Any]) -> None:
         """A message for everyone, on every node, who receives the stream's alerts (e.g. an acknowledgement)."""

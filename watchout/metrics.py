@@ -121,7 +121,7 @@ class _HubCollector(Collector):
         yield CounterMetricFamily("watchout_alerts_stored", "Alerts stored (and fanned out)",
                                   value=self._intake.stored)
         yield CounterMetricFamily("watchout_alerts_filled", "Alerts this node read from the store because it "
-                                  "missed them live from another node", value=self._intake.feed.filled)
+                                  "missed them live from another node", value=self._intake.sequencer.filled)
         broker = hub.broker
         yield GaugeMetricFamily("watchout_broker_up", "1 while the broker answers (always 1 in-process)",
                                 value=1 if broker.healthy else 0)

@@ -56,7 +56,8 @@ class Outbox:
     """
 
     __slots__ = ("_writer", "_flusher", "_soft", "_hard", "_batch", "_batch_bytes", "_held", "_marked",
-                 "inflight", "is_closed", "frames_sent", "frames_dropped", "messages_sent", "bytes_sent")
+                 "_drain_waiter", "inflight", "is_closed", "frames_sent", "frames_dropped", "messages_sent",
+                 "bytes_sent")
 
     def __init__(self, writer: Writer, flusher: Flusher, soft_bytes: int, hard_bytes: int) -> None:
         self._writer: Writer | None = writer
@@ -67,6 +68,7 @@ class Outbox:
         self._batch_bytes = 0
         self._held: dict[str, Outgoing] = {}
         self._marked = False
+        self._drain_waiter: tuple[int, asyncio.Future[None]] | None = None  # (below bytes, woken then)
         self.inflight = 0
         self.is_closed = False
         self.frames_sent = 0
@@ -112,12 +114,29 @@ class Outbox:
             return
         self._write(batch, size)
 
+    async def drained(self, below_bytes: int) -> None:
+        """Return once fewer than `below_bytes` are unflushed, or the outbox is closed (one waiter at a time)."""
+        if self.is_closed or self.backlog_bytes < below_bytes:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain_waiter = (below_bytes, waiter)
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+
+    def _wake_drained(self) -> None:
+        waiting = self._drain_waiter
+        if waiting is not None and (self.is_closed or self.backlog_bytes < waiting[0]) and not waiting[1].done():
+            waiting[1].set_result(None)
+
     def detach(self) -> None:
         """The socket has closed: forget it (and anything still queued)."""
         self.is_closed = True
         self._writer = None
         self._batch.clear()
         self._held.clear()
+        self._wake_drained()
 
     def _write(self, batch: list[Outgoing], size: int) -> None:
         writer = self._writer
@@ -143,7 +162,10 @@ class Outbox:
         self.inflight -= size
         if future.cancelled() or future.exception() is not None:
             self.is_closed = True
+            self._wake_drained()
             return
+        if self._drain_waiter is not None:
+            self._wake_drained()
         if self._held and self.inflight + self._batch_bytes <= self._soft:
             held = list(self._held.values())
             self._held.clear()
@@ -156,6 +178,7 @@ class Outbox:
 
     def _give_up(self) -> None:
         self.is_closed = True
+        self._wake_drained()
         self.frames_dropped += len(self._held)
         self._held.clear()
         self._batch.clear()

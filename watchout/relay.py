@@ -12,21 +12,19 @@ from watchout.auth import Principal, TokenVerifier, can_watch, check_produce, ch
 from watchout.cluster import ClusterSink, initial_state
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StoreUnavailable, Unauthenticated
 from watchout.hub import STATUS_ONLINE, STATUS_STREAMING, Hub, Peer, StreamState, Subscription, close_replaced
-from watchout.frames import Outgoing
-from watchout.protocol import Alert, Auth, Register, Subscribe, Unsubscribe, VideoFrame, encode, error_message
+from watchout.protocol import Alert, Auth, Register, Subscribe, Unsubscribe, VideoFrame
+from watchout.sequencer import Sequencer
 from watchout.store import Store
-from watchout.views import alert_event
 
 log = logging.getLogger("watchout.relay")
-REPLAY_PAGE = 500
 
 
 class Relay:
     """The core operations behind the WebSocket protocol, one method per client message."""
 
-    def __init__(self, store: Store, hub: Hub, verifier: TokenVerifier, intake: AlertIntake, sink: ClusterSink, *,
-                 replay_pace_bytes: int = 256 * 1024) -> None:
-        self.replay_pace_bytes = replay_pace_bytes
+    def __init__(self, store: Store, hub: Hub, verifier: TokenVerifier, intake: AlertIntake, sink: ClusterSink,
+                 sequencer: Sequencer) -> None:
+        self.sequencer = sequencer
         self.store = store
         self.hub = hub
         self.sink = sink
@@ -87,6 +85,8 @@ class Relay:
         state = self.hub.state(stream_id, owner)
         if fresh:
             initial_state(state, doc, status=self.hub.broker.is_shared)
+            if doc is not None:
+                self.sequencer.follow(state, int(doc.get("lastSeq", 0)))
         return state
 
     # ------------------------------------------------------------------ producers
@@ -146,7 +146,9 @@ class Relay:
         sub = Subscription(msg.client_type, "video-frame" in msg.consumes, "alert" in msg.consumes, msg.binary)
         peer.client_type = msg.client_type
         replay = msg.since_seq is not None and sub.alerts
-        self.hub.add_watcher(state, peer, sub, replaying=replay)
+        self.hub.add_watcher(state, peer, sub, live_alerts=not replay)
+        if replay:
+            self.sequencer.hold(state, peer)
         history, reset = None, False
         if replay:
             history = await self._history(msg.stream_id)
@@ -157,15 +159,16 @@ class Relay:
         epoch = state.epoch if state.epoch is not None else (history or {}).get("epoch")
         if epoch is not None:
             reply["epoch"] = epoch
-        if state.alert_seq is not None:
-            reply["lastSeq"] = state.alert_seq
+        delivered = self.sequencer.delivered(state)
+        if delivered is not None:
+            reply["lastSeq"] = delivered
         if reset:
             reply["reset"] = True  # before the replay: the watcher starts its list again
         _reply(peer, reply, msg.ref)
         if replay:
             assert msg.since_seq is not None
             # not awaited: the subscriber's reads (pongs included) must go on during a long replay
-            self._in_background(self._replay(peer, state, 0 if reset else msg.since_seq, history, reset),
+            self._in_background(self.sequencer.replay(peer, state, 0 if reset else msg.since_seq, history, reset),
                                 msg.stream_id, peer, "alert replay")
         log.info("consumer subscribed", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
 
@@ -175,59 +178,6 @@ class Relay:
             return await self.store.get_stream(stream_id)
         except StoreUnavailable:
             return None  # the replay's reads will fail and say so
-
-    async def _replay(self, peer: Peer, state: StreamState, since_seq: int, history: dict[str, Any] | None,
-                      reset: bool) -> None:
-        """Stored alerts after since_seq in order, then `replay-complete`, then live, without gap or repeat.
-
-        The watcher was registered before the first read, so an alert stored after that read is held
-        for it and sent after the replay unless the replay already covered it. `reset`: the watcher's
-        position was from another history; this one is replayed from its start, never as complete.
-        """
-        sid, last, complete = state.stream_id, since_seq, not reset
-        if history is not None and not reset:
-            # alerts up to prunedSeq may have been removed by retention; a sinceSeq beyond the stream's last
-            # alert comes from another history (a client that did not say its epoch)
-            complete = history.get("prunedSeq", 0) <= since_seq <= history.get("lastSeq", 0)
-        try:
-            while self._still_replaying(peer, state):
-                page = await self.store.replay(sid, last, REPLAY_PAGE)
-                if not self._still_replaying(peer, state):
-                    return
-                # Only what this node has delivered live already; the rest of the page goes to the node's
-                # feed, which sends it once, in order, to every watcher here (to this one through the hold
-                # buffer) and skips it when its batch is fanned out. Waiting for that fan-out is not
-                # enough: the node may have started following the stream from a read taken just before
-                # the batch was fanned out to nobody here (or missed it from Redis), and then nothing
-                # would send it before the stream's next alert.
-                delivered = state.alert_seq
-                caught_up = len(page) < REPLAY_PAGE
-                for index, alert in enumerate(page):
-                    if delivered is not None and alert["seq"] > delivered:
-                        self.intake.feed.deliver(state, last, [(a["seq"], encode(alert_event(a)))
-                                                               for a in page[index:]])
-                        caught_up = True
-                        break
-                    peer.outbox.send(Outgoing(encode(alert_event(alert))))
-                    last = alert["seq"]
-                if caught_up:
-                    break
-                while peer.outbox.backlog_bytes > self.replay_pace_bytes and not peer.outbox.is_closed:
-                    await asyncio.sleep(0.005)  # let the watcher read before the next page
-        except StoreUnavailable as exc:
-            complete = False
-            peer.send(error_message(exc.code, f"replay stopped: {exc.message}"))
-        if not self._still_replaying(peer, state):
-            return
-        done: dict[str, Any] = {"type": "replay-complete", "streamId": sid, "lastSeq": last, "complete": complete}
-        if reset:
-            done["reset"] = True
-        peer.send(done)
-        self.hub.finish_replay(state, peer, last)
-
-    @staticmethod
-    def _still_replaying(peer: Peer, state: StreamState) -> bool:
-        return peer in state.replaying and not peer.outbox.is_closed
 
     def unsubscribe(self, peer: Peer, msg: Unsubscribe) -> None:
         state = self.hub.streams.get(msg.stream_id)
@@ -304,7 +254,7 @@ class Relay:
     async def drain(self) -> None:
         """Finish pending alert writes and status updates (graceful shutdown)."""
         await self.intake.drain()
-        await self.intake.feed.drain()
+        await self.sequencer.drain()
         await self.sink.drain()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

@@ -11,12 +11,12 @@ from watchout.alerts import AlertIntake
 from watchout.auth import TokenVerifier
 from watchout.broker import Broker, MemoryBroker
 from watchout.cluster import ClusterSink
-from watchout.feed import AlertFeed
 from watchout.hub import Hub
 from watchout.jobboard import JobBoard
 from watchout.metrics import Metrics
 from watchout.protocol import Limits
 from watchout.relay import Relay
+from watchout.sequencer import Sequencer
 from watchout.settings import Settings
 from watchout.store import Store, open_store
 
@@ -59,11 +59,11 @@ def build_services(settings: Settings, store: Store) -> Services:
     hub = Hub(make_broker(settings))
     metrics = Metrics()
     verifier = TokenVerifier(settings)
-    feed = AlertFeed(store, hub)
-    intake = AlertIntake(store, hub, feed, hub.broker, on_latency=metrics.alert_latency.observe)
-    sink = ClusterSink(hub, feed, store)
+    sequencer = Sequencer(store, hub, replay_pace_bytes=settings.outbox_soft_bytes // 2)
+    intake = AlertIntake(store, hub, sequencer, hub.broker, on_latency=metrics.alert_latency.observe)
+    sink = ClusterSink(hub, sequencer, store)
     hub.broker.attach(sink)
-    relay = Relay(store, hub, verifier, intake, sink, replay_pace_bytes=settings.outbox_soft_bytes // 2)
+    relay = Relay(store, hub, verifier, intake, sink, sequencer)
     limits = Limits(settings.max_control_message_bytes, settings.max_metadata_bytes, settings.max_snapshot_bytes)
     metrics.watch(hub, intake)
     store.observer = metrics.observe_store
