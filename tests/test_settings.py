@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from watchout.errors import ConfigError
-from watchout.settings import Settings, load_settings
+from watchout.settings import OTHER_VARIABLES, Settings, load_settings, unknown_variables
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "watchout.toml"
 
@@ -70,3 +73,58 @@ def test_serve_with_bad_config_exits_2_naming_the_key():
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unknown_variable_is_reported_with_the_closest_setting():
+    environ = {"WATCHOUT_JWT_SECRT": "x" * 40, "WATCHOUT_PORT": "8080", "HOME": "/root"}
+    assert unknown_variables(environ) == [
+        "WATCHOUT_JWT_SECRT is not a setting (did you mean WATCHOUT_JWT_SECRET?); it is ignored"]
+    assert load_settings(None, environ).jwt_secret == ""  # ignored, as reported
+    assert unknown_variables({"WATCHOUT_ZZZZZZZZ": "1"}) == ["WATCHOUT_ZZZZZZZZ is not a setting; it is ignored"]
+
+
+def test_variables_that_are_not_settings_but_are_used_give_no_warning():
+    used = {"WATCHOUT_CONFIG", "WATCHOUT_PUBLIC_PORT", "WATCHOUT_REQUIRE_SERVICES", "WATCHOUT_TEST_MONGO_URI",
+            "WATCHOUT_TEST_ARTIFACTS"}
+    assert used <= OTHER_VARIABLES
+    assert unknown_variables({name: "1" for name in OTHER_VARIABLES}) == []
+    assert unknown_variables({"WATCHOUT_" + key.upper(): "" for key in Settings.__dataclass_fields__}) == []
+
+
+def test_port_comes_from_port_below_watchout_port_and_the_flag(tmp_path):
+    path = tmp_path / "w.toml"
+    path.write_text("[server]\nport = 4000\n")
+    assert load_settings(path, {}).port == 4000
+    assert load_settings(path, {"PORT": "5000"}).port == 5000
+    assert load_settings(path, {"PORT": "5000", "WATCHOUT_PORT": "6000"}).port == 6000
+    assert load_settings(path, {"PORT": "5000", "WATCHOUT_PORT": "6000"}, {"port": 7000}).port == 7000
+
+
+@pytest.mark.parametrize("value", ["eighty", "70000", "-1"])
+def test_a_bad_port_variable_is_refused_naming_port(value):
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"PORT": value})
+    assert info.value.key == "PORT"
+    assert "config: PORT: " in str(info.value)
+
+
+def test_serve_logs_a_warning_for_a_misspelt_variable():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHOUT_") and k != "PORT"}
+    env.update({"WATCHOUT_DATA_DIR": ":memory:", "WATCHOUT_JWT_SECRET": "s" * 40, "WATCHOUT_LOG_LEVL": "debug"})
+    proc = subprocess.Popen([sys.executable, "-m", "watchout", "serve", "--port", "0"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    deadline = threading.Timer(20, proc.kill)  # then readline() gets EOF instead of blocking
+    deadline.start()
+    try:
+        assert proc.stderr is not None
+        while not any("LOG_LEVL" in line or "listening on" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, "watchout serve exited early:\n" + "".join(lines)
+            lines.append(line)
+    finally:
+        deadline.cancel()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert any("WARNING" in line and "WATCHOUT_LOG_LEVL is not a setting (did you mean WATCHOUT_LOG_LEVEL?); "
+               "it is ignored" in line for line in lines), "".join(lines)

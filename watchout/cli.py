@@ -26,7 +26,7 @@ from watchout.datadir import load_or_create_secret, prepare_data_dir, read_secre
 from watchout.errors import ConfigError, StoreUnavailable
 from watchout.logs import name_node, setup_logging
 from watchout.notify import Notifier
-from watchout.settings import IN_MEMORY, Settings, load_settings, with_values
+from watchout.settings import IN_MEMORY, Settings, load_settings, unknown_variables, with_values
 
 if TYPE_CHECKING:
     import socket
@@ -122,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"watchout: {exc}", file=sys.stderr)
         return 2
+    unknown = unknown_variables(os.environ)
+    if args.command != "serve":
+        for message in unknown:
+            print(f"watchout: warning: {message}", file=sys.stderr)
     if args.command == "token":
         return _token(settings, args)
     if args.command in ("cleanup", "report", "jobs", "backup"):
@@ -132,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal:
         print(f"watchout: {refusal}", file=sys.stderr)
         return 2
-    return _serve(settings, lambda: load_settings(args.config, os.environ, overrides), workers=workers)
+    return _serve(settings, lambda: load_settings(args.config, os.environ, overrides), workers=workers,
+                  warnings=unknown)
 
 
 def _worker_count(text: str) -> int:
@@ -225,9 +230,12 @@ def _simulation(args: argparse.Namespace) -> int:
 
 
 def _serve(settings: Settings, load: Callable[[], Settings] | None, companion: Companion | None = None,
-           workers: int = 1) -> int:
-    """`watchout serve`: one process, or `workers` processes under a supervising parent (run_workers)."""
+           workers: int = 1, warnings: Sequence[str] = ()) -> int:
+    """`watchout serve`: one process, or `workers` processes under a supervising parent (run_workers).
+    `warnings` (unknown WATCHOUT_* variables) are logged once logging is set up."""
     setup_logging(settings.log_format, settings.log_level)
+    for message in warnings:
+        log.warning("%s", message)
     tune_malloc()
     admin_token = None
     has_key = bool(settings.jwt_secret or settings.jwt_public_key_file)

@@ -1,8 +1,9 @@
-"""Settings: one frozen object built once from watchout.toml, WATCHOUT_* variables and CLI flags."""
+"""Settings: one frozen object built once from watchout.toml, PORT, WATCHOUT_* variables and CLI flags."""
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import difflib
 import os
 import re
 import socket
@@ -15,6 +16,15 @@ from typing import Any
 from watchout.errors import ConfigError
 
 ENV_PREFIX = "WATCHOUT_"
+# The WATCHOUT_* variables that are not settings, so that unknown_variables() does not report them.
+OTHER_VARIABLES = frozenset({
+    ENV_PREFIX + "CONFIG",             # the TOML file, when there is no --config (load_settings)
+    ENV_PREFIX + "PUBLIC_PORT",        # docker/compose.yaml: the proxy's port on the host
+    ENV_PREFIX + "REQUIRE_SERVICES",   # tests: a missing Redis or MongoDB fails instead of skipping
+    ENV_PREFIX + "TEST_MONGO_URI",     # tests: the MongoDB to run the store tests on
+    ENV_PREFIX + "TEST_ARTIFACTS",     # tests: where the browser tests keep screenshots
+})
+PLATFORM_PORT = "PORT"  # the port a PaaS (and the seed) gives the service: below WATCHOUT_PORT, above the file
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -170,9 +180,10 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """File, then WATCHOUT_* variables, then CLI overrides (already typed); validated.
+    """File, then PORT (port only), then WATCHOUT_* variables, then CLI overrides (already typed); validated.
 
-    Raises ConfigError naming the offending key.
+    Raises ConfigError naming the offending key (or PORT). WATCHOUT_* variables that name no setting are
+    ignored here; unknown_variables() reports them.
     """
     values: dict[str, Any] = {}
     env = dict(environ or {})
@@ -180,8 +191,10 @@ def load_settings(
         path = env[ENV_PREFIX + "CONFIG"]
     if path is not None:
         values.update(_read_file(Path(path)))
+    if PLATFORM_PORT in env:
+        values["port"] = _platform_port(env[PLATFORM_PORT])
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in OTHER_VARIABLES:
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key in FIELDS:
@@ -192,6 +205,31 @@ def load_settings(
     settings = Settings(**values)
     validate(settings)
     return settings
+
+
+def _platform_port(raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(PLATFORM_PORT, f"expected int, got {raw!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(PLATFORM_PORT, f"must be 0..65535, got {port}")
+    return port
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message for each WATCHOUT_* variable that names no setting (load_settings ignores it), naming
+    the closest setting's variable, e.g. "WATCHOUT_JWT_SECRT is not a setting (did you mean
+    WATCHOUT_JWT_SECRET?); it is ignored"."""
+    messages = []
+    for name in sorted(environ):
+        key = name[len(ENV_PREFIX):].lower()
+        if not name.startswith(ENV_PREFIX) or name in OTHER_VARIABLES or key in FIELDS:
+            continue
+        closest = difflib.get_close_matches(key, FIELDS, n=1)  # without the prefix every name shares
+        hint = f" (did you mean {ENV_PREFIX}{closest[0].upper()}?)" if closest else ""
+        messages.append(f"{name} is not a setting{hint}; it is ignored")
+    return messages
 
 
 def validate(s: Settings) -> None:
