@@ -1,5 +1,6 @@
 """handlers -> watchout <- workers: only watchout.cli (the composition root) may import handlers or workers,
-and only store.py may import the MongoDB drivers."""
+only store.py may import the MongoDB drivers, and only the SDK itself (client.py, client_roles.py, simulators.py)
+and the composition root import the SDK."""
 from __future__ import annotations
 
 import ast
@@ -28,6 +29,32 @@ def test_core_imports_neither_handlers_nor_workers(path):
     if path.name == "cli.py":
         return
     assert not _imports(path) & {"handlers", "workers"}
+
+
+SDK_FILES = {"client.py", "client_roles.py", "simulators.py"}
+SDK_MODULES = {f"watchout.{name.removesuffix('.py')}" for name in SDK_FILES}
+
+
+def _modules(path: Path) -> set[str]:
+    """Full names of the modules `path` imports; `from watchout import client` counts as watchout.client."""
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "watchout").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT / "watchout")))
+def test_core_never_imports_the_sdk(path):
+    # cli.py is the composition root: `watchout simulate` and `watchout demo` run the SDK's simulators
+    if path.parent == ROOT / "watchout" and path.name in SDK_FILES | {"cli.py"}:
+        return
+    assert not _modules(path) & SDK_MODULES
 
 
 PACKAGE_FILES = sorted(p for d in ("watchout", "handlers", "workers") for p in (ROOT / d).glob("*.py"))

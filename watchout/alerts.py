@@ -8,6 +8,7 @@ from collections.abc import Callable
 from collections import OrderedDict
 from typing import Any
 
+from watchout.backoff import Backoff
 from watchout.broker import AlertItems, Broker
 from watchout.errors import StoreUnavailable, WriterBusy
 from watchout.hub import Hub, Peer, StreamState
@@ -20,6 +21,7 @@ log = logging.getLogger("watchout.alerts")
 MAX_BATCH = 256
 RECENT_IDS = 100_000
 WRITER_LEASE_S = 10.0  # with several nodes: how long a node that stopped mid-batch keeps others waiting
+WRITER_WAIT = Backoff(base_s=0.005, cap_s=0.2, jitter=False)  # polling the lease: 5 ms, 10 ms … 200 ms
 
 
 class _Pending:
@@ -110,15 +112,15 @@ class AlertIntake:
 
     async def _reserve(self, stream_id: str, count: int) -> tuple[int, int]:
         """(first seq, lastSeq before the batch), waiting while another node writes this stream's alerts."""
-        pause, deadline = 0.005, time.monotonic() + 2 * WRITER_LEASE_S
+        attempt, deadline = 0, time.monotonic() + 2 * WRITER_LEASE_S
         while True:
             try:
                 return await self._store.reserve_batch(stream_id, count, self._broker.node_id, self._lease_s)
             except WriterBusy:
                 if time.monotonic() > deadline:
                     raise StoreUnavailable("another node kept this stream's alerts locked") from None
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.2)
+                await asyncio.sleep(WRITER_WAIT.delay_s(attempt))
+                attempt += 1
 
     async def _store_batch(self, state: StreamState, batch: list[_Pending]) -> None:
         sid = state.stream_id

@@ -13,7 +13,6 @@ import contextlib
 import datetime as dt
 import inspect
 import logging
-import random
 import time
 import uuid
 from collections import deque
@@ -27,6 +26,7 @@ import pybase64
 import tornado.httpclient
 import tornado.websocket
 
+from watchout.backoff import Backoff
 from watchout.errors import InvalidMessage
 from watchout.frames import parse_binary_frame
 from watchout.protocol import SEVERITIES
@@ -248,23 +248,7 @@ class Feed(Generic[T]):
         return self._items.popleft()
 
 
-# ----------------------------------------------------------------------------- backoff and tokens
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Reconnect delays: attempt n (from 0) waits uniform(0, min(cap_s, base_s * 2**n)) ("full jitter").
-
-    `random` (a float in [0, 1)) and `sleep` can be replaced, e.g. to check the schedule without waiting.
-    """
-
-    base_s: float = 0.2
-    cap_s: float = 10.0
-    random: Callable[[], float] = random.random
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-
-    def delay_s(self, attempt: int) -> float:
-        return self.random() * min(self.cap_s, self.base_s * 2.0 ** min(attempt, 32))
-
+# ----------------------------------------------------------------------------- tokens
 
 def refresh_time(token: str, now: float) -> float | None:
     """When to replace `token` (epoch s): at REFRESH_AT of its iat..exp lifetime; None without `exp`.

@@ -29,15 +29,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from watchout.backoff import Backoff
 from watchout.broker import (ALERTS, CLOSE, FRAME, INTEREST, PRODUCER, STATUS, WATCHERS, AlertItems, MemoryBroker, Sink,
                              envelope, open_envelope, pack_alerts, pack_close, unpack_alerts, unpack_close)
-from watchout.client import Backoff
 from watchout.frames import Frame
 
 log = logging.getLogger("watchout.broker")
 MAX_QUEUED_FRAMES = 64  # while this many frames wait for Redis, further frames are not sent to other nodes
 QUIET_RECHECK_S = 1.0  # how long a stream's frames stay unpublished after PUBLISH found no other node
 PIPELINE = 256
+RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=5.0)  # full jitter: the nodes of a cluster do not retry in step
 
 # A producer lease is "<claimed at, ms>|<node>|<connection>". Renewing keeps it, takes it when it lapsed
 # or holds an older claim (2: tell its node), and gives up (0) to a newer claim: newer wins, also when
@@ -232,7 +233,7 @@ class RedisBroker(MemoryBroker):
             self._missed_status[entry[3]] = open_envelope(entry[2])[2].tobytes()
 
     async def _publisher(self) -> None:
-        backoff, attempt = Backoff(base_s=0.1, cap_s=5.0), 0
+        attempt = 0
         assert self._redis is not None
         while True:
             await self._wake.wait()
@@ -248,7 +249,7 @@ class RedisBroker(MemoryBroker):
                 except (RedisError, OSError) as exc:
                     self._set_commands_ok(False, exc)
                     while not self._commands_ok:  # the heartbeat also notices when Redis is back
-                        await asyncio.sleep(backoff.delay_s(attempt))
+                        await asyncio.sleep(RECONNECT_BACKOFF.delay_s(attempt))
                         attempt += 1
                         try:
                             await self._redis.ping()
@@ -325,7 +326,7 @@ class RedisBroker(MemoryBroker):
         for three heartbeats is replaced. (redis-py's own health check reads the connection too, so the
         pub/sub client has it off.)
         """
-        backoff, attempt = Backoff(base_s=0.1, cap_s=5.0), 0
+        attempt = 0
         client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0, socket_keepalive=True)
         while not self._closing:
             pubsub: Any = client.pubsub(push_handler_func=_pass_through)
@@ -370,7 +371,7 @@ class RedisBroker(MemoryBroker):
                 except (RedisError, OSError):
                     pass
             if not self._closing:
-                await asyncio.sleep(backoff.delay_s(attempt))
+                await asyncio.sleep(RECONNECT_BACKOFF.delay_s(attempt))
                 attempt += 1
         await client.aclose()
 

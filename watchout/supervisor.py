@@ -30,14 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+from watchout.backoff import Backoff
 from watchout.notify import Notifier
 
 log = logging.getLogger("watchout.supervisor")
 
 # (worker index, the worker's end of its channel to the parent) -> exit code; runs in the forked child
 ChildRunner = Callable[[int, socket.socket], int]
-RESTART_BASE_S = 0.5
-RESTART_CAP_S = 30.0
+RESTART_BACKOFF = Backoff(base_s=0.5, cap_s=30.0, jitter=False)  # one supervisor, so no jitter: 0.5, 1, 2 … 30 s
 STABLE_AFTER_S = 30.0  # a child that ran this long restarts with the shortest delay again
 KILL_GRACE_S = 5.0  # on top of twice shutdown_timeout_s, before SIGKILL
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -266,7 +266,7 @@ class Supervisor:
         self._check_ready()  # a reload no longer waits for it
 
     def _schedule_restart(self, child: Child, why: str, level: int = logging.ERROR) -> None:
-        delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** min(child.failures, 16))
+        delay = RESTART_BACKOFF.delay_s(child.failures)
         child.failures += 1
         child.restart_at = time.monotonic() + delay
         log.log(level, "%s: starting another in %.1f s", why, delay)
