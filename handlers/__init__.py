@@ -1,4 +1,4 @@
-"""Tornado handlers; ROUTES is the URL table that watchout.cli passes to make_app()."""
+"""Tornado handlers; ROUTES is the URL table that watchout.cli plugs into watchout.serve (make_app())."""
 from tornado.web import RequestHandler
 
 from handlers.alerts import AlertAckHandler, AlertsHandler, SnapshotHandler, StreamAlertsHandler

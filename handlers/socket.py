@@ -19,15 +19,14 @@ from handlers.wsprotocol import StrictProtocol13
 from watchout.errors import AuthTimeout, RateLimited, SlowConsumer, StoreUnavailable, Unauthenticated, WatchoutError
 from watchout.hub import Peer
 from watchout.outbox import Outbox
-from watchout.protocol import (Alert, Auth, Message, Ping, Register, Subscribe, Unsubscribe, VideoFrame,
+from watchout.protocol import (Alert, Auth, CloseCode, Message, Ping, Register, Subscribe, Unsubscribe, VideoFrame,
                                dropped_ref, error_message, parse_binary, parse_text)
 from watchout.services import Services
 
 log = logging.getLogger("watchout.socket")
-CLOSE_GOING_AWAY, CLOSE_POLICY = 1001, 1008
 BAD_MESSAGE_WINDOW_S = 60.0
 # closes worth an operator's attention; the others are part of normal operation
-WARNING_CLOSES = frozenset({1011, SlowConsumer.close_code})
+WARNING_CLOSES = frozenset({CloseCode.INTERNAL, CloseCode.SLOW_CONSUMER})
 
 
 class _ConnectionState:
@@ -316,7 +315,7 @@ class RelaySocket(tornado.websocket.WebSocketHandler):
             if not isinstance(exc, StoreUnavailable) and self._strike():
                 self.peer.send(error_message("too-many-errors", "too many invalid messages"))
                 self.peer.outbox.flush()
-                self.peer.close(CLOSE_POLICY, "too many invalid messages")
+                self.peer.close(CloseCode.POLICY, "too many invalid messages")
             return
         if self._c.close_cause is None:
             self._c.close_cause = exc.code  # logged, with the close code, when the connection has closed

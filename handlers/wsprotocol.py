@@ -21,9 +21,10 @@ from typing import Any
 import tornado.util
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13, _DecompressTooLargeError, _WebSocketParams
 
+from watchout.protocol import CloseCode
+
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 KNOWN_OPCODES = frozenset({OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG})
-CLOSE_PROTOCOL_ERROR, CLOSE_INVALID_DATA, CLOSE_TOO_BIG = 1002, 1007, 1009
 LINGER_CHUNK_BYTES = 64 * 1024
 
 
@@ -60,7 +61,7 @@ class StrictProtocol13(WebSocketProtocol13):
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if not (self.server_terminated or self.client_terminated or self.stream.closed()):
-            sent = 1000 if code is None and reason is not None else code  # what Tornado puts on the wire
+            sent = CloseCode.NORMAL if code is None and reason is not None else code  # what Tornado puts on the wire
             if sent is not None:
                 self._on_close_sent(sent, reason or "")
         super().close(code, reason)
@@ -77,10 +78,10 @@ class StrictProtocol13(WebSocketProtocol13):
             rsv &= ~self.RSV1
         problem = self._frame_problem(fin, rsv, opcode, masked, length)
         if problem is not None:
-            self._fail(CLOSE_PROTOCOL_ERROR, problem, length + 4 * masked, client_closing=opcode == OP_CLOSE)
+            self._fail(CloseCode.PROTOCOL_ERROR, problem, length + 4 * masked, client_closing=opcode == OP_CLOSE)
             return
         if length + (len(self._fragments) if self._fragments is not None else 0) > self.params.max_message_size:
-            self._fail(CLOSE_TOO_BIG, "message too big", 4 + length)
+            self._fail(CloseCode.TOO_BIG, "message too big", 4 + length)
             return
         mask = await self._read_bytes(4)
         data = tornado.util._websocket_mask(mask, await self._read_bytes(length))
@@ -136,10 +137,10 @@ class StrictProtocol13(WebSocketProtocol13):
             try:
                 data = self._decompressor.decompress(data)
             except _DecompressTooLargeError:
-                self._fail(CLOSE_TOO_BIG, "message too big after decompression", 0)
+                self._fail(CloseCode.TOO_BIG, "message too big after decompression", 0)
                 return None
             except zlib.error:
-                self._fail(CLOSE_INVALID_DATA, "invalid compressed data", 0)
+                self._fail(CloseCode.INVALID_DATA, "invalid compressed data", 0)
                 return None
         self._message_bytes_in += len(data)
         if opcode == OP_BINARY:
@@ -147,7 +148,7 @@ class StrictProtocol13(WebSocketProtocol13):
         try:
             text = data.decode()
         except UnicodeDecodeError:
-            self._fail(CLOSE_INVALID_DATA, "invalid UTF-8 in a text message", 0)
+            self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message", 0)
             return None
         return self._run_callback(self.handler.on_message, text)
 
@@ -160,16 +161,16 @@ class StrictProtocol13(WebSocketProtocol13):
             self._received_pong = True
             return self._run_callback(self.handler.on_pong, data)
         if len(data) == 1:
-            self._fail(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload", 0, client_closing=True)
+            self._fail(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte payload", 0, client_closing=True)
             return None
         code = struct.unpack("!H", data[:2])[0] if data else None
         if code is not None and not is_valid_close_code(code):
-            self._fail(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}", 0, client_closing=True)
+            self._fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}", 0, client_closing=True)
             return None
         try:
             reason = data[2:].decode() if len(data) > 2 else None
         except UnicodeDecodeError:
-            self._fail(CLOSE_INVALID_DATA, "invalid UTF-8 in the close reason", 0, client_closing=True)
+            self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in the close reason", 0, client_closing=True)
             return None
         self.client_terminated = True
         self.close_code, self.close_reason = code, reason

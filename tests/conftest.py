@@ -22,6 +22,7 @@ import tornado.websocket
 from handlers import DEFAULT_HANDLER, METRICS_ROUTES, ROUTES
 from watchout.app import make_app, server_options
 from watchout.auth import mint_token
+from watchout.serve import stop_serving
 from watchout.services import Services, open_services
 from watchout.settings import Settings
 from watchout.store import Store
@@ -133,15 +134,8 @@ async def start_server(settings: Settings, store: Store | None = None, port: int
         http.add_sockets([sock])
 
     async def close() -> None:
-        """Like SIGTERM on `watchout serve`: stop accepting, finish alert writes, close sockets with 1001."""
-        http.stop()
-        await services.relay.drain()
-        for peer in list(services.hub.peers.values()):
-            peer.close(1001, "test server stopping")
-        for _ in range(200):
-            if not services.hub.peers:
-                break
-            await asyncio.sleep(0.01)
+        """As SIGTERM on `watchout serve`: stop accepting, finish alert writes, close sockets with 1001."""
+        await stop_serving(services, [http], services.settings.shutdown_timeout_s)
         await context.__aexit__(None, None, None)
 
     return Server(services, port, http), close

@@ -22,6 +22,7 @@ from watchout.app import make_app, server_options
 from watchout.client import (Ack, Alert, Backoff, Connection, Detection, Forbidden, MLService, Producer, Replaced,
                              ReplayComplete, StreamDeleted, Unauthorized, Watcher)
 from watchout.errors import StoreUnavailable
+from watchout.serve import stop_serving, wait_closed
 from watchout.services import open_services
 from watchout.store import Store, open_store
 from watchout.store.sqlite import SQLiteStore
@@ -58,18 +59,14 @@ async def _serve(settings, store: Store, port: int = 0):
         if stopped:
             return
         stopped = True
-        http.stop()
-        if not abrupt:
-            await services.relay.drain()
-        for peer in list(services.hub.peers.values()):
-            if abrupt:
+        timeout_s = services.settings.shutdown_timeout_s
+        if abrupt:
+            http.stop()
+            for peer in list(services.hub.peers.values()):
                 _drop(peer)
-            else:
-                peer.close(1001, "server shutting down")
-        for _ in range(200):
-            if not services.hub.peers:
-                break
-            await asyncio.sleep(0.01)
+            await wait_closed(services.hub.peers, timeout_s)
+        else:
+            await stop_serving(services, [http], timeout_s)
         await context.__aexit__(None, None, None)
 
     return Server(services, port, http), stop

@@ -15,7 +15,7 @@ import jwt
 import pytest
 import tornado.httpclient
 
-from watchout.cli import _announce
+from watchout.serve import _announce
 from watchout.datadir import load_or_create_secret, prepare_data_dir, read_secret
 from watchout.errors import ConfigError
 from watchout.settings import Settings, load_settings

@@ -46,7 +46,7 @@ async def store(server):
     for sid, owner in (("cam1", "alice"), ("cam2", "alice"), ("cam3", "bob")):
         await store.create_stream(sid, owner)
     for sid, owner, severity, object_type, received, acked in ALERTS:
-        seq = await store.reserve_seqs(sid, 1)
+        seq = (await store.reserve_batch(sid, 1, "", 0.0))[0]
         alert_id = new_alert_id()
         await store.insert_alerts([{
             "alertId": alert_id, "streamId": sid, "seq": seq, "ownerId": owner, "senderId": "detector",

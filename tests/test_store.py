@@ -59,8 +59,8 @@ async def test_creating_an_existing_stream_returns_the_first_one(store):
 
 async def test_reserved_seqs_never_overlap_under_concurrency(store):
     await store.create_stream("s1", "alice")
-    firsts = await asyncio.gather(*(store.reserve_seqs("s1", n) for n in (1, 5, 2, 7, 3)))
-    ranges = sorted((f, f + n - 1) for f, n in zip(firsts, (1, 5, 2, 7, 3)))
+    batches = await asyncio.gather(*(store.reserve_batch("s1", n, "", 0.0) for n in (1, 5, 2, 7, 3)))
+    ranges = sorted((f, f + n - 1) for (f, _), n in zip(batches, (1, 5, 2, 7, 3)))
     assert ranges[0][0] == 1 and ranges[-1][1] == 18
     assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))
 
@@ -76,7 +76,7 @@ async def test_status_update_keeps_last_seen_and_frame_times(store):
 
 async def test_alerts_round_trip_in_seq_order_and_by_client_id(store):
     await store.create_stream("s1", "alice")
-    first = await store.reserve_seqs("s1", 3)
+    first = (await store.reserve_batch("s1", 3, "", 0.0))[0]
     docs = [_alert(first + i, client_id=f"c{i}") for i in range(3)]
     assert await store.insert_alerts(docs) == set()
     listed = await store.replay("s1", 0, 100)
@@ -106,7 +106,7 @@ async def test_snapshots_are_kept_per_alert(store):
 
 async def _stored_alerts(store, stream="s1", count=6, owner="alice"):
     await store.create_stream(stream, owner)
-    first = await store.reserve_seqs(stream, count)
+    first = (await store.reserve_batch(stream, count, "", 0.0))[0]
     severities = ("low", "medium", "high", "critical")
     docs = [dict(_alert(first + i, stream=stream), severity=severities[i % 4], ownerId=owner) for i in range(count)]
     await store.insert_alerts(docs)
@@ -203,7 +203,7 @@ async def test_the_alert_writer_lease_lets_one_writer_at_a_time(store):
     await store.release_writer("s1", "node-b")  # not the holder: changes nothing
     with pytest.raises(WriterBusy):
         await store.reserve_batch("s1", 1, "node-b", 10.0)
-    assert await store.reserve_seqs("s1", 1) == 6  # no lease asked: one node, nobody waits
+    assert (await store.reserve_batch("s1", 1, "", 0.0))[0] == 6  # no lease asked: one node, nobody waits
     with pytest.raises(StoreUnavailable):
         await store.reserve_batch("missing", 1, "node-a", 10.0)
 

@@ -144,7 +144,7 @@ async def test_close_after_awaited_writes_leaves_everything_to_a_fresh_store(tmp
     path = tmp_path / "w.db"
     store = await _started(path)
     await store.create_stream("s1", "alice", status="online", metadata={"site": "porch"})
-    first = await store.reserve_seqs("s1", 100)
+    first = (await store.reserve_batch("s1", 100, "", 0.0))[0]
     alerts = [_alert(first + i, client_id=f"c{i}") for i in range(100)]
     await store.insert_alerts(alerts)
     await store.mark_stored("s1", alerts[-1]["seq"])
@@ -213,7 +213,7 @@ async def test_an_older_database_is_migrated_to_the_current_schema_and_works(tmp
     try:
         assert await store._db.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
         await store.create_stream("s1", "alice")
-        seq = await store.reserve_seqs("s1", 1)
+        seq = (await store.reserve_batch("s1", 1, "", 0.0))[0]
         alert = _alert(seq, client_id="c1")
         assert await store.insert_alerts([alert]) == set()
         await store.mark_stored("s1", seq)

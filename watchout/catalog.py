@@ -15,9 +15,9 @@ import orjson
 
 from watchout.auth import Principal, can_watch, check_watch
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StreamBusy
-from watchout.protocol import MAX_NESTING, STREAM_ID_RE, has_unstorable_key, nesting_depth
-from watchout.queries import (STREAM_STATUSES, check_names, check_stream_id, decode_cursor, encode_cursor, is_alert_id,
-                              is_seq, is_stream_id, is_time,
+from watchout.protocol import (MAX_NESTING, STREAM_STATUSES, CloseCode, check_stream_id, has_unstorable_key,
+                               is_stream_id, nesting_depth)
+from watchout.queries import (check_names, decode_cursor, encode_cursor, is_alert_id, is_seq, is_time,
                               parse_alert_filter, parse_choice, parse_limit, parse_owner)
 from watchout.services import Services
 from watchout.views import ack_event, alert_resource, stream_resource
@@ -65,9 +65,8 @@ async def register_stream(services: Services, p: Principal, body: dict[str, Any]
     stream_id = body.get("streamId")
     if stream_id is None:
         stream_id = "s-" + secrets.token_hex(8)
-    elif not isinstance(stream_id, str) or not STREAM_ID_RE.fullmatch(stream_id):
-        raise InvalidMessage("streamId must be 1-128 characters of A-Z a-z 0-9 _ . : - starting with a letter "
-                             "or digit", code="invalid-stream-id")
+    else:
+        check_stream_id(stream_id)
     if not isinstance(metadata, dict) or len(repr(metadata)) > MAX_STREAM_METADATA_BYTES:
         raise InvalidMessage(f"metadata must be an object of at most {MAX_STREAM_METADATA_BYTES} bytes",
                              code="invalid-field")
@@ -105,7 +104,7 @@ async def list_streams(services: Services, p: Principal, args: Args) -> dict[str
 
 
 async def _visible_stream(services: Services, p: Principal, stream_id: str) -> dict[str, Any]:
-    check_stream_id(stream_id)
+    check_stream_id(stream_id, field="stream id")
     doc = await services.store.get_stream(stream_id)
     check_watch(p, stream_id, doc["ownerId"] if doc else None)
     assert doc is not None
@@ -123,7 +122,7 @@ async def delete_stream(services: Services, p: Principal, stream_id: str) -> Non
     doc = await _visible_stream(services, p, stream_id)
     if doc["ownerId"] != p.sub and not p.is_admin:
         raise Forbidden("only the owner or an admin may delete a stream")
-    services.relay.close_stream(stream_id, 4410, "stream deleted")
+    services.relay.close_stream(stream_id, CloseCode.STREAM_DELETED, "stream deleted")
     await services.store.delete_stream(stream_id)
 
 

@@ -29,7 +29,7 @@ import tornado.websocket
 from watchout.backoff import Backoff
 from watchout.errors import InvalidMessage
 from watchout.frames import parse_binary_frame
-from watchout.protocol import SEVERITIES
+from watchout.protocol import SEVERITIES, CloseCode
 
 if TYPE_CHECKING:
     from watchout.client_roles import Detection, MLService, Producer, Watcher
@@ -83,7 +83,8 @@ class AlertRejected(WatchoutClientError):
     """The server refused an alert for good (`code`: not-found, invalid-field, ...); resending cannot help."""
 
 
-FATAL_CLOSES: dict[int, type[WatchoutClientError]] = {4403: Forbidden, 4409: Replaced, 4410: StreamDeleted}
+FATAL_CLOSES: dict[int, type[WatchoutClientError]] = {CloseCode.FORBIDDEN: Forbidden, CloseCode.REPLACED: Replaced,
+                                                      CloseCode.STREAM_DELETED: StreamDeleted}
 
 
 # ----------------------------------------------------------------------------- messages
@@ -569,7 +570,7 @@ class Connection:
             refresher.cancel()
             self._ws = None
             self._ready.clear()
-            ws.close(1000)
+            ws.close(CloseCode.NORMAL)
         code = ws.close_code if ws.close_code is not None else 1006  # 1006: no close frame
         reason = ws.close_reason or ""
         self.last_close = (code, reason)
@@ -580,7 +581,7 @@ class Connection:
         error = self._server_error
         detail = f"closed {code} {reason}" + (f" ({error.code}: {error.message})" if error else "")
         error_code = error.code if error else None
-        if code == 4401:
+        if code == CloseCode.UNAUTHENTICATED:
             self._unauthorized += 1
             if self._unauthorized >= 2:  # the retry had a fresh token (or the same fixed one)
                 return Unauthorized(detail, close_code=code, reason=reason, code=error_code)

@@ -19,16 +19,19 @@ import tornado.websocket
 from watchout.client import (Ack, Alert, Backoff, Connection, Feed, Forbidden, Frame, Message, ReplayComplete, Reply,
                              ServerError, Status, TokenSource, Unauthorized, WatchoutClientError)
 from watchout.frames import encode_binary_frame, encode_json_frame
-from watchout.protocol import STREAM_ID_RE
+from watchout.errors import InvalidMessage
+from watchout.protocol import check_stream_id
 
 log = logging.getLogger("watchout.client")
 HISTORY_PAGE = 500
 
 
 def _checked_stream_id(stream_id: str) -> str:
-    if not STREAM_ID_RE.fullmatch(stream_id):
-        raise ValueError("stream_id: 1-128 characters of A-Z a-z 0-9 _ . : -, starting with a letter or digit")
-    return stream_id
+    """The server's stream-id rule, raised as ValueError: a bad argument, found before anything is sent."""
+    try:
+        return check_stream_id(stream_id, field="stream_id")
+    except InvalidMessage as exc:
+        raise ValueError(exc.message) from None
 
 
 def api_base(ws_url: str) -> str:

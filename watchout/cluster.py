@@ -13,7 +13,7 @@ from watchout.broker import AlertItems
 from watchout.errors import InvalidMessage, StoreUnavailable
 from watchout.frames import parse_binary_frame
 from watchout.hub import Hub, StreamState, close_replaced, status_message
-from watchout.protocol import error_message
+from watchout.protocol import STREAM_STATUSES, CloseCode, StreamStatus, error_message
 from watchout.sequencer import Sequencer
 from watchout.store import Store
 
@@ -79,9 +79,9 @@ class ClusterSink:
         if state is None:
             return
         for peer in list(state.participants()):
-            peer.send(error_message("stream-deleted" if code == 4410 else "closed", reason))
+            peer.send(error_message("stream-deleted" if code == CloseCode.STREAM_DELETED else "closed", reason))
             peer.close(code, reason)
-        if code == 4410:  # deleted: a stream registered again under the id starts afresh
+        if code == CloseCode.STREAM_DELETED:  # deleted: a stream registered again under the id starts afresh
             self._hub.forget_stream(stream_id)
 
     def on_resync(self, stream_ids: Iterable[str]) -> None:
@@ -100,8 +100,8 @@ class ClusterSink:
         state = self._hub.streams.get(stream_id)
         if doc is None or state is None:
             return
-        if state.producer is None and doc.get("status") and doc["status"] != state.status:
-            status = str(doc["status"])
+        if state.producer is None and doc.get("status") in STREAM_STATUSES and doc["status"] != state.status:
+            status = StreamStatus(doc["status"])
             self._hub.deliver_status(state, status, status_message(stream_id, status))
         self._sequencer.deliver(state, int(doc.get("lastSeq", 0)), [])
 
@@ -116,12 +116,12 @@ class ClusterSink:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
-def _status_of(message: bytes) -> str | None:
+def _status_of(message: bytes) -> StreamStatus | None:
     try:
         value = orjson.loads(message).get("status")
     except (orjson.JSONDecodeError, AttributeError):
         return None
-    return value if value in ("online", "streaming", "offline") else None
+    return StreamStatus(value) if value in STREAM_STATUSES else None
 
 
 def initial_state(state: StreamState, doc: dict[str, Any] | None, *, status: bool) -> None:
@@ -129,7 +129,7 @@ def initial_state(state: StreamState, doc: dict[str, Any] | None, *, status: boo
     producer may be on another node) as the store knows them. Its alert watermark is the sequencer's."""
     if doc is None:
         return
-    if status and state.producer is None and doc.get("status") in ("online", "streaming", "offline"):
-        state.status = str(doc["status"])
+    if status and state.producer is None and doc.get("status") in STREAM_STATUSES:
+        state.status = StreamStatus(doc["status"])
     if state.epoch is None:
         state.epoch = doc.get("epoch")

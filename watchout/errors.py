@@ -62,12 +62,6 @@ class TooLarge(WatchoutError):
     close_code = 1009
 
 
-class Unprocessable(WatchoutError):
-    code = "unprocessable"
-    http_status = 422
-    close_code = None
-
-
 class RateLimited(WatchoutError):
     code = "rate-limited"
     http_status = 429

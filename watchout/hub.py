@@ -10,14 +10,13 @@ from watchout.broker import AlertItems, Broker, MemoryBroker
 from watchout.frames import Frame, Outgoing
 from watchout.outbox import Flusher, Outbox, Writer
 from watchout.errors import StreamBusy
-from watchout.protocol import encode, error_message
+from watchout.protocol import StreamStatus, encode, error_message
 
-STATUS_OFFLINE, STATUS_ONLINE, STATUS_STREAMING = "offline", "online", "streaming"
 EVENTS, VIDEO = 1, 2  # the broker channels of a stream a node listens to
 FPS_WINDOW_S = 2.0
 
 
-def status_message(stream_id: str, status: str) -> bytes:
+def status_message(stream_id: str, status: StreamStatus) -> bytes:
     """The `status` message telling a stream's participants its status, as of now."""
     return encode({"type": "status", "streamId": stream_id, "status": status, "timestamp": int(time.time() * 1000)})
 
@@ -95,7 +94,7 @@ class StreamState:
         self.watchers: dict[Peer, Subscription] = {}
         # watchers catching up on stored alerts: live alerts wait here, with their seq, until then
         self.replaying: dict[Peer, list[tuple[int, Outgoing]]] = {}
-        self.status = STATUS_OFFLINE
+        self.status = StreamStatus.OFFLINE
         self.frames_in = 0
         self.frames_relayed = 0
         self.frames_dropped = 0
@@ -241,7 +240,7 @@ class Hub:
             if state is not None and state.producer is peer:
                 state.producer = None
                 state.alert_watchers.pop(peer, None)
-                state.status = STATUS_OFFLINE
+                state.status = StreamStatus.OFFLINE
                 self._tally_offline(state)
                 orphaned = state
                 self._forget_if_idle(state)
@@ -261,7 +260,7 @@ class Hub:
             if state.producer is peer:
                 state.producer = None
                 state.alert_watchers.pop(peer, None)
-                state.status = STATUS_OFFLINE
+                state.status = StreamStatus.OFFLINE
                 self._tally_offline(state)
             if peer.producing == stream_id:
                 peer.producing = None
@@ -280,7 +279,7 @@ class Hub:
         state.alert_watchers.pop(peer, None)
         self._tally_offline(state)
         if announce:
-            self.publish_status(state, STATUS_OFFLINE)
+            self.publish_status(state, StreamStatus.OFFLINE)
         self._forget_if_idle(state)
         self._sync_channels(state)
         return peer
@@ -380,13 +379,13 @@ class Hub:
         for peer in (*state.alert_watchers, *state.replaying):
             peer.outbox.send(outgoing)
 
-    def publish_status(self, state: StreamState, status: str, *, skip: Peer | None = None) -> None:
+    def publish_status(self, state: StreamState, status: StreamStatus, *, skip: Peer | None = None) -> None:
         """Tell the stream's participants here and on other nodes its new status."""
         payload = status_message(state.stream_id, status)
         self.broker.status(state.stream_id, payload)
         self.deliver_status(state, status, payload, skip=skip)
 
-    def announce_status(self, stream_id: str, status: str) -> None:
+    def announce_status(self, stream_id: str, status: StreamStatus) -> None:
         """A stream's status decided without its producer (a job found it gone): every node's watchers hear it."""
         state = self.streams.get(stream_id)
         if state is None:
@@ -394,7 +393,8 @@ class Hub:
         elif state.producer is None:
             self.publish_status(state, status)
 
-    def deliver_status(self, state: StreamState, status: str, payload: bytes, *, skip: Peer | None = None) -> None:
+    def deliver_status(self, state: StreamState, status: StreamStatus, payload: bytes, *,
+                       skip: Peer | None = None) -> None:
         state.status = status
         message = Outgoing(payload)
         for peer in state.participants():

@@ -15,6 +15,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from watchout.looplag import INTERVAL_S, LoopLagMonitor
+from watchout.protocol import StreamStatus
 
 if TYPE_CHECKING:
     from watchout.hub import Hub
@@ -101,7 +102,7 @@ class _HubCollector(Collector):
             connections.add_metric([role], count)
         yield connections
         streams = GaugeMetricFamily("watchout_streams", "Streams live on this node by status", labels=["status"])
-        counts = {"online": 0, "streaming": 0}
+        counts = {StreamStatus.ONLINE: 0, StreamStatus.STREAMING: 0}
         for state in hub.streams.values():
             if state.producer is not None and state.status in counts:
                 counts[state.status] += 1

@@ -1,4 +1,5 @@
-"""The WebSocket protocol v1: strict parsing of client messages (once) and encoding of server messages.
+"""The WebSocket protocol v1 and its vocabulary: strict parsing of client messages (once), encoding of server
+messages, the close codes, the stream statuses and the stream-id rule.
 
 Error codes a client can receive in `error` replies are the `code=` strings below; docs/protocol.md
 lists them. Sizes are checked before any JSON is parsed.
@@ -6,6 +7,7 @@ lists them. Sizes are checked before any JSON is parsed.
 from __future__ import annotations
 
 import binascii
+import enum
 import json
 import math
 import re
@@ -20,6 +22,7 @@ from watchout.errors import InvalidMessage, TooLarge
 from watchout.frames import Frame, parse_binary_frame
 
 STREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+STREAM_ID_RULE = "1-128 characters of A-Z a-z 0-9 _ . : - starting with a letter or digit"
 SEVERITIES = ("low", "medium", "high", "critical")
 KINDS = ("video-frame", "alert")
 MAX_ID_CHARS = 128
@@ -34,6 +37,49 @@ MAX_TIMESTAMP_MS = 2**53 - 1
 # A video frame bigger than this is parsed by splicing its base64 out of the JSON first.
 FAST_FRAME_MIN_CHARS = 4096
 _DATA_KEY = b'"data":"'
+
+
+class CloseCode(enum.IntEnum):
+    """Every WebSocket close the server makes (docs/protocol.md, "Close codes"); private ones are 4000 + the
+    nearest HTTP status."""
+
+    NORMAL = 1000  # also a ping timeout and a producer gone silent: it may reconnect at once
+    GOING_AWAY = 1001  # server shutting down
+    PROTOCOL_ERROR = 1002
+    INVALID_DATA = 1007  # invalid UTF-8, or compressed data that does not inflate
+    POLICY = 1008  # too many invalid messages
+    TOO_BIG = 1009
+    INTERNAL = 1011
+    UNAUTHENTICATED = 4401
+    FORBIDDEN = 4403
+    AUTH_TIMEOUT = 4408
+    REPLACED = 4409  # a newer producer took the stream
+    STREAM_DELETED = 4410
+    SLOW_CONSUMER = 4413
+    RATE_LIMITED = 4429
+
+
+class StreamStatus(enum.StrEnum):
+    """A stream's status, as `status` messages, the REST API and the store spell it."""
+
+    OFFLINE = "offline"
+    ONLINE = "online"
+    STREAMING = "streaming"
+
+
+STREAM_STATUSES = tuple(StreamStatus)
+
+
+def is_stream_id(value: Any) -> TypeGuard[str]:
+    """The stream-id rule (STREAM_ID_RULE)."""
+    return isinstance(value, str) and STREAM_ID_RE.fullmatch(value) is not None
+
+
+def check_stream_id(value: Any, *, field: str = "streamId") -> str:
+    """`value` if it is a valid stream id; otherwise raises InvalidMessage (`invalid-stream-id`) naming `field`."""
+    if not is_stream_id(value):
+        raise InvalidMessage(f"{field} must be {STREAM_ID_RULE}", code="invalid-stream-id")
+    return value
 
 
 @dataclass(slots=True)
@@ -196,11 +242,7 @@ class _Fields:
         return value
 
     def stream_id(self) -> str:
-        value = self._get("streamId", True)
-        if not isinstance(value, str) or not STREAM_ID_RE.fullmatch(value):
-            raise InvalidMessage("streamId must be 1-128 characters of A-Z a-z 0-9 _ . : - "
-                                 "starting with a letter or digit", code="invalid-stream-id")
-        return value
+        return check_stream_id(self._get("streamId", True))
 
     def number(self, name: str, required: bool = False, low: float = 0, high: float = MAX_TIMESTAMP_MS
                ) -> int | float | None:
@@ -437,7 +479,7 @@ def _fast_video_frame(raw: bytes, limits: Limits) -> VideoFrame | None:
 
 
 def parse_text(text: str, limits: Limits) -> Message:
-    """Parse one text message. Raises InvalidMessage (reply) or TooLarge (close 1009)."""
+    """Parse one text message. Raises InvalidMessage (reply) or TooLarge (close CloseCode.TOO_BIG)."""
     if len(text) > FAST_FRAME_MIN_CHARS and text.startswith('{"type":"video-frame"'):
         raw = text.encode("utf-8")
         message = _fast_video_frame(raw, limits)
@@ -472,8 +514,7 @@ def dropped_ref(text: str, limits: Limits) -> str | None:
 def parse_binary(data: bytes) -> VideoFrame:
     """Parse one binary message: always a video frame in the binary layout (watchout.frames)."""
     stream_id, frame = parse_binary_frame(data)
-    if not STREAM_ID_RE.fullmatch(stream_id):
-        raise InvalidMessage("binary frame has an invalid streamId", code="invalid-stream-id")
+    check_stream_id(stream_id, field="a binary frame's streamId")
     return VideoFrame(frame, None)
 
 

@@ -14,10 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from watchout.errors import InvalidMessage
-from watchout.protocol import SEVERITIES, STREAM_ID_RE
+from watchout.protocol import SEVERITIES
 from watchout.store import AlertFilter
 
-STREAM_STATUSES = ("offline", "online", "streaming")
 MAX_SEQ = 2**53 - 1
 ALERT_ID_RE = re.compile(r"[0-9a-f]{24}")
 DEFAULT_LIMIT = 50
@@ -119,11 +118,6 @@ def parse_owner(args: Mapping[str, Sequence[str]]) -> str | None:
     return raw
 
 
-def check_stream_id(stream_id: str) -> None:
-    if not STREAM_ID_RE.fullmatch(stream_id):
-        raise InvalidMessage("invalid stream id", code="invalid-stream-id")
-
-
 # ----------------------------------------------------------------------------- cursors
 
 def encode_cursor(position: dict[str, Any]) -> str:
@@ -143,10 +137,6 @@ def is_time(value: Any) -> bool:
 
 def is_seq(value: Any) -> bool:
     return type(value) is int and 0 <= value <= MAX_SEQ
-
-
-def is_stream_id(value: Any) -> bool:
-    return isinstance(value, str) and STREAM_ID_RE.fullmatch(value) is not None
 
 
 def is_alert_id(value: Any) -> bool:

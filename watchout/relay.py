@@ -11,8 +11,8 @@ from watchout.alerts import AlertIntake
 from watchout.auth import Principal, TokenVerifier, can_watch, check_produce, check_watch
 from watchout.cluster import ClusterSink, initial_state
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StoreUnavailable, Unauthenticated
-from watchout.hub import STATUS_ONLINE, STATUS_STREAMING, Hub, Peer, StreamState, Subscription, close_replaced
-from watchout.protocol import Alert, Auth, Register, Subscribe, Unsubscribe, VideoFrame
+from watchout.hub import Hub, Peer, StreamState, Subscription, close_replaced
+from watchout.protocol import Alert, Auth, Register, StreamStatus, Subscribe, Unsubscribe, VideoFrame
 from watchout.sequencer import Sequencer
 from watchout.store import Store
 
@@ -101,10 +101,10 @@ class Relay:
         check_produce(principal, msg.stream_id, owner)
         created = False
         if owner is None:
-            doc = await self.store.create_stream(msg.stream_id, principal.sub, status=STATUS_ONLINE)
+            doc = await self.store.create_stream(msg.stream_id, principal.sub, status=StreamStatus.ONLINE)
             assert doc is not None  # not exclusive: an existing stream is returned
             owner = str(doc["ownerId"])
-            created = owner == principal.sub and doc["status"] == STATUS_ONLINE
+            created = owner == principal.sub and doc["status"] == StreamStatus.ONLINE
             check_produce(principal, msg.stream_id, owner)  # another node may have created it first
         state = self._follow(msg.stream_id, owner, doc)
         previous = self.hub.set_producer(state, peer, wants_alerts="alert" in msg.consumes)
@@ -113,10 +113,10 @@ class Relay:
         if previous is not None:
             close_replaced(previous)
         _reply(peer, {"type": "registered", "streamId": msg.stream_id, "connectionId": peer.id,
-                      "status": STATUS_ONLINE}, msg.ref)
-        self.hub.publish_status(state, STATUS_ONLINE, skip=peer)
+                      "status": StreamStatus.ONLINE}, msg.ref)
+        self.hub.publish_status(state, StreamStatus.ONLINE, skip=peer)
         if not created:
-            self._in_background(self.store.set_stream_status(msg.stream_id, STATUS_ONLINE), msg.stream_id)
+            self._in_background(self.store.set_stream_status(msg.stream_id, StreamStatus.ONLINE), msg.stream_id)
         log.info("producer registered", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
 
     def frame(self, peer: Peer, msg: VideoFrame) -> None:
@@ -128,10 +128,10 @@ class Relay:
                                       code="token-missing")
             raise Forbidden(f"register as producer of {frame.stream_id} before sending frames",
                             code="not-producer")
-        if state.status != STATUS_STREAMING:
-            self.hub.publish_status(state, STATUS_STREAMING)
+        if state.status != StreamStatus.STREAMING:
+            self.hub.publish_status(state, StreamStatus.STREAMING)
             self._in_background(self.store.set_stream_status(
-                frame.stream_id, STATUS_STREAMING, frame_at=dt.datetime.now(dt.timezone.utc)), frame.stream_id)
+                frame.stream_id, StreamStatus.STREAMING, frame_at=dt.datetime.now(dt.timezone.utc)), frame.stream_id)
         self.hub.publish_frame(state, frame)
 
     # ------------------------------------------------------------------ consumers
@@ -231,8 +231,9 @@ class Relay:
         orphaned = self.hub.remove_peer(peer)
         if orphaned is not None:
             self.hub.broker.release_producer(orphaned.stream_id, peer.id)
-            self.hub.publish_status(orphaned, "offline")
-            self._in_background(self.store.set_stream_status(orphaned.stream_id, "offline"), orphaned.stream_id)
+            self.hub.publish_status(orphaned, StreamStatus.OFFLINE)
+            self._in_background(self.store.set_stream_status(orphaned.stream_id, StreamStatus.OFFLINE),
+                                orphaned.stream_id)
 
     def _in_background(self, work: Coroutine[Any, Any, None], stream_id: str, peer: Peer | None = None,
                        what: str = "stream status update") -> None:

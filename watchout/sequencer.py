@@ -25,7 +25,7 @@ from watchout.broker import AlertItems
 from watchout.errors import StoreUnavailable
 from watchout.hub import Hub, Peer, StreamState
 from watchout.frames import Outgoing
-from watchout.protocol import encode, error_message
+from watchout.protocol import CloseCode, encode, error_message
 from watchout.store import Store
 from watchout.views import alert_event
 
@@ -84,7 +84,7 @@ class Sequencer:
             if len(held) > MAX_REPLAY_BUFFER:  # the replay cannot keep up: this watcher must reconnect
                 state.replaying.pop(peer, None)
                 peer.send({"type": "error", "code": "slow-consumer", "message": "replay fell too far behind"})
-                peer.close(4413, "replay fell too far behind")
+                peer.close(CloseCode.SLOW_CONSUMER, "replay fell too far behind")
 
     async def _fill(self, state: StreamState) -> None:
         backlog = state.alert_backlog

@@ -5,6 +5,7 @@ import datetime as dt
 from typing import Any
 
 from watchout.hub import StreamState
+from watchout.protocol import StreamStatus
 
 
 def _ms(value: dt.datetime) -> int:
@@ -53,7 +54,8 @@ def stream_resource(doc: dict[str, Any], live: StreamState | None = None, now: f
     """A stream in REST responses; with `live`, this node's live figures for it."""
     resource: dict[str, Any] = {
         "streamId": doc["streamId"], "name": doc.get("name", doc["streamId"]), "ownerId": doc["ownerId"],
-        "status": live.status if live is not None and live.producer is not None else doc.get("status", "offline"),
+        "status": (live.status if live is not None and live.producer is not None
+                   else doc.get("status", StreamStatus.OFFLINE)),
         "metadata": doc.get("metadata", {}), "createdAt": _iso(doc.get("createdAt")),
         "lastSeenAt": _iso(doc.get("lastSeenAt")), "lastFrameAt": _iso(doc.get("lastFrameAt")),
         "lastSeq": doc.get("lastSeq", 0), "epoch": doc.get("epoch")}

@@ -6,11 +6,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from watchout.protocol import CloseCode
 from watchout.services import Services
 from workers.progress import QUIET, Progress
 
 log = logging.getLogger("watchout.jobs.cleanup")
-CLOSE_DELETED = 4410
 NODE_RUNS_KEPT = dt.timedelta(days=1)  # the last runs of per-node jobs on nodes that have stopped
 
 
@@ -67,7 +67,7 @@ async def prune_stale_streams(services: Services, now: dt.datetime, *, dry_run: 
             removed.append(RemovedStream(stream_id, str(doc["ownerId"]), "never seen" if seen is None else "offline",
                                          seen, doc["createdAt"]))
             if not dry_run:
-                services.relay.close_stream(stream_id, CLOSE_DELETED, "stream removed by retention")
+                services.relay.close_stream(stream_id, CloseCode.STREAM_DELETED, "stream removed by retention")
         progress.step("streams", index, len(candidates))
     progress.end()
     if removed and not dry_run:

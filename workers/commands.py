@@ -22,6 +22,7 @@ from workers.clock import Instant
 from workers.progress import Progress
 from workers.reports import as_csv, as_json, as_table, build_report
 from workers.scheduler import CLUSTER, Firing, job_specs, node_name, run_job
+from workers.tables import render
 
 UTC = dt.timezone.utc
 STOPPED_NODE_AFTER = dt.timedelta(hours=1)  # a per-node job's last run older than this: its node has stopped
@@ -193,7 +194,7 @@ async def jobs_command(services: Services | None, settings: Settings, out: TextI
         leases = {str(lease["job"]): lease for lease in await services.store.leases()}
     recent = now - STOPPED_NODE_AFTER
     header = ("JOB", "RUNS ON", "SCHEDULE", "NEXT RUN", "LAST RUN", "DURATION", "RESULT", "NODE")
-    lines: list[tuple[str, ...]] = [header]
+    lines: list[tuple[str, ...]] = []
     for spec in job_specs(settings):
         scope = "one node" if spec.scope == CLUSTER else "every node"
         first = (spec.name, scope, spec.schedule, _when(spec.trigger.get_next_fire_time(None, now)))
@@ -209,9 +210,7 @@ async def jobs_command(services: Services | None, settings: Settings, out: TextI
             result = str(run["result"]) + (f" ({run['error']})" if run.get("error") else "")
             lines.append((*(first if index == 0 else ("", "", "", "")), _when(run["startedAt"]),
                           f"{float(run['durationS']):.2f} s", result, str(run["node"])))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() + "\n")
+    out.write(render(header, lines) + "\n")
     return 0
 
 

@@ -6,12 +6,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from watchout.hub import STATUS_OFFLINE, Tally
+from watchout.hub import Tally
+from watchout.protocol import CloseCode, StreamStatus
 from watchout.services import Services
 from workers.clock import Instant, floor_hour, utc
 
 log = logging.getLogger("watchout.jobs.offline")
-CLOSE_SILENT = 1000  # what Tornado's own ping timeout uses: the producer may reconnect at once
 
 
 @dataclass(slots=True)
@@ -44,7 +44,7 @@ async def check_producers(services: Services, at: Instant) -> ProducerCheck:
         if quiet_s > settings.offline_after_s:
             services.relay.release_producer(state)
             reason = f"nothing heard from the producer for {quiet_s:.0f} s"
-            peer.close(CLOSE_SILENT, reason)
+            peer.close(CloseCode.NORMAL, reason)  # as Tornado's own ping timeout: it may reconnect at once
             silent[state.stream_id] = heard
             log.info("producer silent: %s; marked offline", reason, extra={"conn": peer.id, "stream": state.stream_id})
         else:
@@ -108,7 +108,7 @@ async def mark_unseen_offline(services: Services, now: dt.datetime) -> list[str]
     live_here = {sid for sid, state in hub.streams.items() if state.producer is not None}
     marked = await services.store.mark_unseen_streams_offline(seen_before, live_here)
     for stream_id in marked:
-        hub.announce_status(stream_id, STATUS_OFFLINE)
+        hub.announce_status(stream_id, StreamStatus.OFFLINE)
     if marked:
         log.info("marked %d stream(s) offline whose producer was last seen before %s", len(marked),
                  seen_before.isoformat(timespec="seconds"))

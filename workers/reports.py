@@ -14,6 +14,7 @@ from watchout.services import Services
 from watchout.store import Store
 from workers.clock import floor_hour
 from workers.progress import Progress
+from workers.tables import render
 
 SEVERITIES = ("low", "medium", "high", "critical")
 TOP_OBJECT_TYPES = 3
@@ -159,19 +160,13 @@ def as_table(report: Report) -> str:
 def _table(title: str, rows: list[Figures]) -> str:
     header = (title, "ALERTS", "LOW", "MED", "HIGH", "CRIT", "ACKED", "OPEN", "ONLINE", "FRAMES IN", "RELAYED",
               "DROPPED", "TOP OBJECTS")
-    lines: list[tuple[str, ...]] = [header]
+    lines: list[tuple[str, ...]] = []
     for f in rows:
         top = ", ".join(f"{t} {n}" for t, n in f.top_object_types()) or "-"
         lines.append((f.id, str(f.alerts), *(str(f.severities.get(s, 0)) for s in SEVERITIES), str(f.acknowledged),
                       str(f.unacknowledged), _duration(f.online_s), str(f.frames_received), str(f.frames_relayed),
                       str(f.frames_dropped), top))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    rendered = []
-    for line in lines:
-        cells = [cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
-                 for i, (cell, w) in enumerate(zip(line, widths))]
-        rendered.append("  ".join(cells).rstrip())
-    return "\n".join(rendered)
+    return render(header, lines, align="<" + ">" * (len(header) - 2) + "<")
 
 
 def _duration(seconds: float) -> str:

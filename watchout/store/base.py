@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar
 from bson import ObjectId
 
 from watchout.errors import StoreUnavailable
+from watchout.protocol import StreamStatus
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -113,7 +114,7 @@ class Store(Protocol):
         position (epoch, seq) from the old one is never taken for one in the new."""
 
     async def create_stream(self, stream_id: str, owner_id: str, name: str | None = None, *,
-                            status: str = "offline", metadata: dict[str, Any] | None = None,
+                            status: str = StreamStatus.OFFLINE, metadata: dict[str, Any] | None = None,
                             exclusive: bool = False) -> dict[str, Any] | None:
         """Insert a stream; if it exists already, return the existing one (status unchanged), or None when
         `exclusive`. `alertSeq` allocates alert numbers; `lastSeq` is the highest one whose alert and every
@@ -143,9 +144,6 @@ class Store(Protocol):
         unchanged), except `exclude`; returns their ids."""
 
     # ---------------------------------------------------------------- alerts
-    async def reserve_seqs(self, stream_id: str, count: int) -> int:
-        """Atomically take `count` sequence numbers; returns the first."""
-
     async def reserve_batch(self, stream_id: str, count: int, writer: str, lease_s: float) -> tuple[int, int]:
         """Take `count` sequence numbers for `writer`'s next batch: (first seq, lastSeq before it). With
         `lease_s`, one writer at a time: WriterBusy while another writer's lease runs. StoreUnavailable when

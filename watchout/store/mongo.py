@@ -10,10 +10,12 @@ from bson import ObjectId
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from watchout.errors import StoreUnavailable, WriterBusy
+from watchout.protocol import StreamStatus
 from watchout.store.base import AlertFilter, Measured, new_epoch, operation, utcnow
 
 ASC, DESC = pymongo.ASCENDING, pymongo.DESCENDING
 DUPLICATE_KEY = {11000, 11001}
+_LIVE = [StreamStatus.ONLINE, StreamStatus.STREAMING]  # the statuses of a stream with a producer
 
 
 class MongoStore(Measured):
@@ -91,11 +93,11 @@ class MongoStore(Measured):
 
     @operation("create stream")
     async def create_stream(self, stream_id: str, owner_id: str, name: str | None = None, *,
-                            status: str = "offline", metadata: dict[str, Any] | None = None,
+                            status: str = StreamStatus.OFFLINE, metadata: dict[str, Any] | None = None,
                             exclusive: bool = False) -> dict[str, Any] | None:
         now = utcnow()
         doc = {"_id": stream_id, "ownerId": owner_id, "name": name or stream_id, "status": status,
-               "createdAt": now, "lastSeenAt": now if status != "offline" else None, "lastFrameAt": None,
+               "createdAt": now, "lastSeenAt": now if status != StreamStatus.OFFLINE else None, "lastFrameAt": None,
                "alertSeq": 0, "lastSeq": 0, "prunedSeq": 0, "epoch": new_epoch(), "metadata": metadata or {}}
         try:
             await self._streams.insert_one(doc)
@@ -154,30 +156,27 @@ class MongoStore(Measured):
         changed = []
         for stream_id, heard in last_heard.items():
             result = await self._streams.update_one(
-                {"_id": stream_id, "status": {"$in": ["online", "streaming"]}},
-                {"$set": {"status": "offline"}, "$max": {"lastSeenAt": heard}})
+                {"_id": stream_id, "status": {"$in": _LIVE}},
+                {"$set": {"status": StreamStatus.OFFLINE}, "$max": {"lastSeenAt": heard}})
             if result.modified_count:
                 changed.append(stream_id)
         return changed
 
     @operation("mark unseen streams offline")
     async def mark_unseen_streams_offline(self, seen_before: dt.datetime, exclude: set[str]) -> list[str]:
-        query = {"status": {"$in": ["online", "streaming"]}, "lastSeenAt": {"$lt": seen_before}}
+        query = {"status": {"$in": _LIVE}, "lastSeenAt": {"$lt": seen_before}}
         changed = []
         candidates = [d["_id"] async for d in self._streams.find(query, projection={"_id": True})]
         for stream_id in candidates:
             if stream_id in exclude:
                 continue
-            result = await self._streams.update_one({"_id": stream_id, **query}, {"$set": {"status": "offline"}})
+            result = await self._streams.update_one({"_id": stream_id, **query},
+                                                    {"$set": {"status": StreamStatus.OFFLINE}})
             if result.modified_count:
                 changed.append(stream_id)
         return changed
 
     # ------------------------------------------------------------------ alerts
-    async def reserve_seqs(self, stream_id: str, count: int) -> int:
-        first, _ = await self.reserve_batch(stream_id, count, "", 0.0)
-        return first
-
     @operation("allocate alert numbers")
     async def reserve_batch(self, stream_id: str, count: int, writer: str, lease_s: float) -> tuple[int, int]:
         query: dict[str, Any] = {"_id": stream_id}
@@ -426,7 +425,7 @@ def _prunable_query(never_seen_before: dt.datetime | None, seen_before: dt.datet
         rules.append({"lastSeenAt": None, "createdAt": {"$lt": never_seen_before}})
     if seen_before is not None:
         rules.append({"lastSeenAt": {"$lt": seen_before}})
-    return {"status": "offline", "$or": rules} if rules else None
+    return {"status": StreamStatus.OFFLINE, "$or": rules} if rules else None
 
 
 async def _ensure_ttl(collection: Any, field: str, ttl_s: int | None) -> None:

@@ -22,6 +22,7 @@ import orjson
 
 from watchout import __version__
 from watchout.errors import ConfigError, StoreUnavailable, WriterBusy
+from watchout.protocol import StreamStatus
 from watchout.store.base import AlertFilter, Measured, new_epoch, operation
 from watchout.store.dbthread import Database
 
@@ -269,11 +270,11 @@ class SQLiteStore(Measured):
 
     @operation("create stream")
     async def create_stream(self, stream_id: str, owner_id: str, name: str | None = None, *,
-                            status: str = "offline", metadata: dict[str, Any] | None = None,
+                            status: str = StreamStatus.OFFLINE, metadata: dict[str, Any] | None = None,
                             exclusive: bool = False) -> dict[str, Any] | None:
         now = _ms(dt.datetime.now(dt.timezone.utc))
         row = (stream_id, owner_id, name or stream_id, status, _json(metadata or {}), now,
-               now if status != "offline" else None, new_epoch())
+               now if status != StreamStatus.OFFLINE else None, new_epoch())
 
         def create(c: sqlite3.Connection) -> dict[str, Any] | None:
             inserted = c.execute("INSERT INTO streams (stream_id, owner_id, name, status, metadata, created_at, "
@@ -360,10 +361,6 @@ class SQLiteStore(Measured):
         return await self._db.write(mark)
 
     # ---------------------------------------------------------------- alerts
-    async def reserve_seqs(self, stream_id: str, count: int) -> int:
-        first, _ = await self.reserve_batch(stream_id, count, "", 0.0)
-        return first
-
     @operation("allocate alert numbers")
     async def reserve_batch(self, stream_id: str, count: int, writer: str, lease_s: float) -> tuple[int, int]:
         def reserve(c: sqlite3.Connection) -> tuple[int, int]:
