@@ -18,6 +18,8 @@ from typing import Any, TypeGuard
 import orjson
 import pybase64
 
+# CloseCode is the vocabulary's, defined beside the errors that close (errors.py cannot import this module)
+from watchout.errors import CloseCode as CloseCode  # noqa: F401
 from watchout.errors import InvalidMessage, TooLarge
 from watchout.frames import Frame, parse_binary_frame
 
@@ -37,26 +39,6 @@ MAX_TIMESTAMP_MS = 2**53 - 1
 # A video frame bigger than this is parsed by splicing its base64 out of the JSON first.
 FAST_FRAME_MIN_CHARS = 4096
 _DATA_KEY = b'"data":"'
-
-
-class CloseCode(enum.IntEnum):
-    """Every WebSocket close the server makes (docs/protocol.md, "Close codes"); private ones are 4000 + the
-    nearest HTTP status."""
-
-    NORMAL = 1000  # also a ping timeout and a producer gone silent: it may reconnect at once
-    GOING_AWAY = 1001  # server shutting down
-    PROTOCOL_ERROR = 1002
-    INVALID_DATA = 1007  # invalid UTF-8, or compressed data that does not inflate
-    POLICY = 1008  # too many invalid messages
-    TOO_BIG = 1009
-    INTERNAL = 1011
-    UNAUTHENTICATED = 4401
-    FORBIDDEN = 4403
-    AUTH_TIMEOUT = 4408
-    REPLACED = 4409  # a newer producer took the stream
-    STREAM_DELETED = 4410
-    SLOW_CONSUMER = 4413
-    RATE_LIMITED = 4429
 
 
 class StreamStatus(enum.StrEnum):
