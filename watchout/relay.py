@@ -120,12 +120,10 @@ class Relay:
         log.info("producer registered", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
 
     def frame(self, peer: Peer, msg: VideoFrame) -> None:
+        """Relay a frame from the stream's producer (the session has already turned away unauthenticated peers)."""
         frame = msg.frame
         state = self.hub.streams.get(frame.stream_id)
         if state is None or state.producer is not peer:
-            if peer.principal is None:
-                raise Unauthenticated("authenticate first: register, subscribe or auth with a token",
-                                      code="token-missing")
             raise Forbidden(f"register as producer of {frame.stream_id} before sending frames",
                             code="not-producer")
         if state.status != StreamStatus.STREAMING:
