@@ -57,22 +57,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_environment(data_dir: Path, secret: str) -> dict[str, str]:
+    """For a `watchout serve` child: no WATCHOUT_* from the caller's environment; this checkout's packages
+    whatever the working directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHOUT_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env.update({"WATCHOUT_DATA_DIR": str(data_dir), "WATCHOUT_JWT_SECRET": secret, "WATCHOUT_LOG_LEVEL": "warning"})
+    return env
+
+
 class Server:
     """`watchout serve` as a child process on a fixed port, killable with SIGKILL; its output kept in `lines`."""
 
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, secret: str = SECRET) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.secret = secret
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHOUT_")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        env.update({"WATCHOUT_DATA_DIR": str(self.data_dir), "WATCHOUT_JWT_SECRET": SECRET,
-                    "WATCHOUT_LOG_LEVEL": "warning"})
-        return env
+        return serve_environment(self.data_dir, self.secret)
 
     async def start(self) -> None:
         """Start it and wait for the banner's last line (it listens by then)."""

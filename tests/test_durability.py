@@ -7,7 +7,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 import socket
 import sqlite3
 import sys
@@ -25,6 +24,10 @@ from watchout.client import Ack, Backoff, Message, MLService, Producer
 from watchout.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.churn import Server, serve_environment  # noqa: E402
+
 ALERTS = 3000
 KILL_AT = 1000  # acks before the first kill, mid-flow
 IDLE_KILL_AT = 2000  # alerts sent, and acked, before the second kill
@@ -39,57 +42,7 @@ def _free_port() -> int:
 
 
 def _env(data_dir: Path) -> dict[str, str]:
-    """No WATCHOUT_* from the caller's environment; this checkout's packages whatever the working directory."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHOUT_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env.update({"WATCHOUT_DATA_DIR": str(data_dir), "WATCHOUT_JWT_SECRET": TEST_SECRET,
-                "WATCHOUT_LOG_LEVEL": "warning"})
-    return env
-
-
-class _Serve:
-    """`watchout serve` as a child process on a fixed port; its output is kept in `lines`."""
-
-    def __init__(self, data_dir: Path, port: int) -> None:
-        self.data_dir = data_dir
-        self.port = port
-        self.lines: list[str] = []
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.lines = []
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "watchout", "serve", "--port", str(self.port), cwd=self.data_dir.parent,
-            env=_env(self.data_dir), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        assert self.proc.stdout is not None
-        while not any("Stats:" in line for line in self.lines):  # the banner's last line: listening
-            line = (await asyncio.wait_for(self.proc.stdout.readline(), 30)).decode()
-            assert line, "watchout serve exited early:\n" + "".join(self.lines)
-            self.lines.append(line)
-        self._reader = asyncio.create_task(self._keep_reading())  # a full pipe would block the server
-
-    async def _keep_reading(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.lines.append(line.decode())
-
-    async def stop(self, kill: bool = False) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-        try:
-            code = await asyncio.wait_for(self.proc.wait(), 15)
-        finally:
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.wait()
-            if self._reader is not None:
-                await self._reader
-        return code
+    return serve_environment(data_dir, TEST_SECRET)
 
 
 async def _history(port: int, stream_id: str, token: str) -> list[dict[str, Any]]:
@@ -110,7 +63,7 @@ async def _history(port: int, stream_id: str, token: str) -> list[dict[str, Any]
 
 async def test_alerts_acked_before_kill_9_survive_it_and_every_alert_id_is_stored_once(tmp_path):
     data_dir = tmp_path / "data"
-    server = _Serve(data_dir, _free_port())
+    server = Server(data_dir, _free_port(), TEST_SECRET)  # bench/churn.py's harness
     url = f"ws://127.0.0.1:{server.port}/ws"
     user = mint_token(TEST_SECRET, "HS256", "alice", "user")
     service = mint_token(TEST_SECRET, "HS256", "detector", "service", streams="*")
