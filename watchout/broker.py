@@ -44,6 +44,57 @@ class Sink(Protocol):
     def figures(self) -> dict[str, Any]: ...
 
 
+class Broker(Protocol):
+    """What the core asks of the fan-out between nodes. Implementations: MemoryBroker (one node) and
+    watchout.redisbroker.RedisBroker (several nodes). Nothing here may block the caller: publishing is
+    fire-and-forget, and what other nodes send arrives through the attached Sink."""
+
+    is_shared: bool  # whether other nodes exist (alerts then take the stream's writer lease)
+    node_id: str
+
+    @property
+    def healthy(self) -> bool:
+        """Whether messages cross right now (False while Redis is away: /health says degraded)."""
+
+    def attach(self, sink: Sink) -> None:
+        """Where other nodes' messages go (before start())."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def watch(self, stream_id: str, video: bool) -> None:
+        """This node has local participants of stream_id (and local video watchers when `video`)."""
+
+    def unwatch(self, stream_id: str) -> None:
+        """This node no longer has participants of stream_id."""
+
+    async def ready(self, stream_id: str) -> None:
+        """Return once what other nodes publish for stream_id reaches this node (bounded wait)."""
+
+    def frame(self, frame: Frame) -> None:
+        """A producer's frame, for other nodes' video watchers."""
+
+    def alerts(self, stream_id: str, prev: int, items: AlertItems) -> None:
+        """A stored batch (seq, encoded alert), after `prev`, the stream's lastSeq before it."""
+
+    def status(self, stream_id: str, message: bytes) -> None: ...
+
+    def to_watchers(self, stream_id: str, message: bytes) -> None:
+        """A message for every alert watcher of the stream on other nodes (an acknowledgement)."""
+
+    def claim_producer(self, stream_id: str, connection_id: str) -> None:
+        """A producer registered here: one on another node closes (the newer wins)."""
+
+    def release_producer(self, stream_id: str, connection_id: str) -> None: ...
+
+    def close_stream(self, stream_id: str, code: int, reason: str) -> None:
+        """Close every connection of the stream on other nodes (e.g. it was deleted)."""
+
+    async def other_nodes(self) -> list[dict[str, Any]] | None:
+        """The latest figures of every other live node; None when they cannot be read."""
+
+
 class MemoryBroker:
     """One node: every client is local, so nothing crosses and every method is a no-op."""
 
@@ -98,9 +149,6 @@ class MemoryBroker:
     async def other_nodes(self) -> list[dict[str, Any]] | None:
         """The latest figures of every other live node (none here); None when they cannot be read."""
         return []
-
-
-Broker = MemoryBroker  # the interface; RedisBroker implements the same methods
 
 
 # ---------------------------------------------------------------------- envelope

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from watchout.backoff import Backoff
-from watchout.broker import (ALERTS, CLOSE, FRAME, INTEREST, PRODUCER, STATUS, WATCHERS, AlertItems, MemoryBroker, Sink,
+from watchout.broker import (ALERTS, CLOSE, FRAME, INTEREST, PRODUCER, STATUS, WATCHERS, AlertItems, Sink,
                              envelope, open_envelope, pack_alerts, pack_close, unpack_alerts, unpack_close)
 from watchout.frames import Frame
 
@@ -57,11 +57,11 @@ return 0
 """
 
 
-class RedisBroker(MemoryBroker):
+class RedisBroker:
     is_shared = True
 
     def __init__(self, url: str, prefix: str, node_id: str, heartbeat_s: float) -> None:
-        super().__init__(node_id)
+        self.node_id = node_id
         self._url = url
         self._prefix = prefix
         self._node = node_id.encode()
