@@ -254,17 +254,10 @@ class Hub:
         state = self.streams.get(stream_id)
         if state is None:
             return
-        for peer in list(state.participants()):
-            self._drop_watcher(state, peer)
-            peer.watching.pop(stream_id, None)
-            if state.producer is peer:
-                state.producer = None
-                state.alert_watchers.pop(peer, None)
-                state.status = StreamStatus.OFFLINE
-                self._tally_offline(state)
-            if peer.producing == stream_id:
-                peer.producing = None
-        self._forget_if_idle(state)
+        self.release_producer(state, announce=False)
+        for peer in list(state.watchers):
+            self.remove_watcher(state, peer)
+        self._forget_if_idle(state)  # also when it had no participant left to remove
         self._sync_channels(state)
 
     def release_producer(self, state: StreamState, *, announce: bool = True) -> Peer | None:

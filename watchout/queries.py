@@ -9,16 +9,15 @@ import base64
 import binascii
 import datetime as dt
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from watchout.errors import InvalidMessage
 from watchout.protocol import SEVERITIES
 from watchout.store import AlertFilter
+from watchout.store.base import is_alert_id as is_alert_id  # noqa: F401 (cursors and paths check ids with it)
 
 MAX_SEQ = 2**53 - 1
-ALERT_ID_RE = re.compile(r"[0-9a-f]{24}")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
@@ -137,10 +136,6 @@ def is_time(value: Any) -> bool:
 
 def is_seq(value: Any) -> bool:
     return type(value) is int and 0 <= value <= MAX_SEQ
-
-
-def is_alert_id(value: Any) -> bool:
-    return isinstance(value, str) and ALERT_ID_RE.fullmatch(value) is not None
 
 
 def decode_cursor(args: Mapping[str, Sequence[str]], kind: str,

@@ -67,10 +67,6 @@ class Relay:
                       "expiresAt": int(principal.expires_at * 1000)}, msg.ref)
         return principal
 
-    async def _owner(self, stream_id: str) -> str | None:
-        """The stream's owner: from the hub when it is live here, else from the store; None if unknown."""
-        return (await self._lookup(stream_id))[0]
-
     async def _lookup(self, stream_id: str) -> tuple[str | None, dict[str, Any] | None]:
         """(owner, the stored stream when it was read): the hub answers for a stream live here."""
         state = self.hub.streams.get(stream_id)
@@ -200,11 +196,10 @@ class Relay:
     async def _alert_unknown_stream(self, peer: Peer, principal: Principal, msg: Alert) -> None:
         owner, doc = await self._lookup(msg.stream_id)
         # nobody watches it on this node: a detached state stores the alert and fans out to no one
-        live = self.hub.streams.get(msg.stream_id)
-        state = live
+        state = self.hub.streams.get(msg.stream_id)
         if state is None and owner is not None:
             state = StreamState(msg.stream_id, owner)
-            state.epoch = None if doc is None else doc.get("epoch")
+            initial_state(state, doc, status=False)  # its history's epoch: the intake's id memory needs it
         self._submit_alert(peer, principal, state, msg)
 
     def _submit_alert(self, peer: Peer, principal: Principal, state: StreamState | None, msg: Alert) -> None:

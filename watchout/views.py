@@ -15,7 +15,7 @@ def _ms(value: dt.datetime) -> int:
 def _iso(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
-    if value.tzinfo is None:  # the embedded store hands back naive UTC in a few paths
+    if value.tzinfo is None:  # a naive time is UTC (both stores hand back aware ones)
         value = value.replace(tzinfo=dt.timezone.utc)
     return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

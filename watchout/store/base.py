@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import re
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -34,6 +35,14 @@ def utcnow() -> dt.datetime:
 def new_epoch() -> str:
     """A new identity for a stream's alert history (16 hex digits): given when the history starts."""
     return secrets.token_hex(8)
+
+
+ALERT_ID_RE = re.compile(r"[0-9a-f]{24}")
+
+
+def is_alert_id(value: object) -> bool:
+    """Whether `value` has the form new_alert_id() gives: 24 lowercase hex digits."""
+    return isinstance(value, str) and ALERT_ID_RE.fullmatch(value) is not None
 
 
 def new_alert_id() -> str:

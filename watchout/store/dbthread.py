@@ -25,7 +25,7 @@ _STOP: list[_Job] = []  # the sentinel batch
 
 
 class DatabaseThread:
-    """One connection, one thread, a queue of batches. `setup(connection)` runs first, on the thread."""
+    """One connection, one thread, a queue of batches; `connect()` opens the connection on the thread first."""
 
     def __init__(self, name: str, connect: Callable[[], sqlite3.Connection], *, transactions: bool) -> None:
         self._connect = connect

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -23,17 +22,16 @@ import orjson
 from watchout import __version__
 from watchout.errors import ConfigError, StoreUnavailable, WriterBusy
 from watchout.protocol import StreamStatus
-from watchout.store.base import AlertFilter, Measured, new_epoch, operation
+from watchout.settings import SQLITE_SYNCHRONOUS
+from watchout.store.base import AlertFilter, Measured, is_alert_id, new_epoch, operation
 from watchout.store.dbthread import Database
 
 T = TypeVar("T")
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 ONE_MS = dt.timedelta(milliseconds=1)
-ALERT_ID_RE = re.compile(r"[0-9a-f]{24}")
 BUSY_TIMEOUT_S = 10.0  # another process (the admin CLI) holding the write lock
 DELETE_CHUNK = 2000  # rows per transaction when removing many: other writes go in between
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes of WAL kept on disk once checkpointed (it grows during big writes)
-SYNCHRONOUS = ("normal", "full")
 
 # Each entry takes the schema from the version before it (its index) to the next; user_version says
 # which ran. Append, never edit: a database in the field went through the old ones.
@@ -153,8 +151,8 @@ class SQLiteStore(Measured):
     driver_errors = (sqlite3.Error,)
 
     def __init__(self, path: str, *, synchronous: str = "normal") -> None:
-        if synchronous not in SYNCHRONOUS:
-            raise ConfigError("sqlite_synchronous", f"must be one of {', '.join(SYNCHRONOUS)}")
+        if synchronous not in SQLITE_SYNCHRONOUS:
+            raise ConfigError("sqlite_synchronous", f"must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
         self.path = path
         self._synchronous = synchronous.upper()
         self._memory = path == ":memory:"
@@ -435,13 +433,13 @@ class SQLiteStore(Measured):
 
     @operation("read alert")
     async def get_alert(self, alert_id: str) -> dict[str, Any] | None:
-        if not ALERT_ID_RE.fullmatch(alert_id):
+        if not is_alert_id(alert_id):
             return None
         return await self._db.read(lambda c: _get_alert(c, alert_id))
 
     @operation("acknowledge alert")
     async def acknowledge_alert(self, alert_id: str, by: str) -> dict[str, Any] | None:
-        if not ALERT_ID_RE.fullmatch(alert_id):
+        if not is_alert_id(alert_id):
             return None
         now = _ms(dt.datetime.now(dt.timezone.utc))
 
