@@ -51,7 +51,7 @@ from watchout.queries import encode_cursor  # noqa: E402
 from watchout.services import open_services  # noqa: E402
 from watchout.settings import Settings  # noqa: E402
 from watchout.store import AlertFilter, Store  # noqa: E402
-from watchout.views import alert_resource  # noqa: E402
+from watchout.resources import alert_resource  # noqa: E402
 
 SECRET = "bench-history-0123456789abcdef0123456789abcdef"
 SEVERITIES = ("low", "medium", "high", "critical")

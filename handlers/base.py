@@ -9,7 +9,7 @@ import orjson
 import tornado.web
 
 from watchout.auth import Principal
-from watchout.errors import InvalidMessage, StoreUnavailable, TooLarge, Unauthenticated, WatchoutError
+from watchout.errors import InvalidMessage, ReplyError, StoreUnavailable, TooLarge, Unauthenticated, WatchoutError
 from watchout.protocol import loads_object
 from watchout.services import Services
 
@@ -17,10 +17,9 @@ log = logging.getLogger("watchout.api")
 MAX_BODY_BYTES = 64 * 1024
 
 
-class UnsupportedMediaType(WatchoutError):
+class UnsupportedMediaType(ReplyError):
     code = "unsupported-media-type"
     http_status = 415
-    close_code = None
 
 
 @tornado.web.stream_request_body

@@ -6,7 +6,7 @@ from typing import Any
 
 from handlers.base import ApiHandler
 from watchout.errors import StoreUnavailable
-from watchout.views import cluster_figures
+from watchout.resources import cluster_figures
 
 
 class FiguresHandler(ApiHandler):

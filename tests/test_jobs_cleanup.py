@@ -72,7 +72,7 @@ async def test_an_offline_stream_goes_with_its_alerts_just_after_stream_retentio
 async def test_a_stream_with_a_producer_here_is_kept_whatever_the_store_says(server, ws_connect, token):
     services, store = server.services, server.services.store
     await producer(ws_connect, token, "live")
-    await services.relay.drain()
+    await services.commands.drain()
     await store.set_stream_status("live", "offline")  # e.g. wrongly marked by another node
     far = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=10 * 365)
     assert await prune_stale_streams(services, far) == []

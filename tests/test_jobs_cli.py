@@ -15,7 +15,7 @@ import tornado.websocket
 
 from conftest import Client, alert_message, producer, replace_settings, start_server, watcher
 from workers.cleanup import cleanup
-from workers.commands import UsageError, cleanup_command, jobs_command, report_command, report_period
+from workers.admin import UsageError, cleanup_command, jobs_command, report_command, report_period
 
 UTC = dt.timezone.utc
 

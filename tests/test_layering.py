@@ -1,6 +1,7 @@
 """handlers -> watchout <- workers: only watchout.cli (the composition root) may import handlers or workers,
-only store.py may import the MongoDB drivers, and only the SDK itself (client.py, client_roles.py, simulators.py)
-and the composition root import the SDK."""
+only store/mongo.py may import the MongoDB drivers, only protocol.py builds server messages, every error
+either answers or closes, docs/architecture.md names every module, and only the SDK itself (client.py,
+client_roles.py, simulators.py) and the composition root import the SDK."""
 from __future__ import annotations
 
 import ast
@@ -57,14 +58,64 @@ def test_core_never_imports_the_sdk(path):
     assert not _modules(path) & SDK_MODULES
 
 
-PACKAGE_FILES = sorted(p for d in ("watchout", "handlers", "workers") for p in (ROOT / d).glob("*.py"))
+PACKAGE_FILES = sorted(p for d in ("watchout", "handlers", "workers") for p in (ROOT / d).rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", PACKAGE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_only_the_store_touches_the_mongodb_drivers(path):
-    if path.name == "store.py":
+@pytest.mark.parametrize("path", PACKAGE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_mongodb_store_touches_the_mongodb_drivers(path):
+    if path == ROOT / "watchout" / "store" / "mongo.py":
         return
     assert not _imports(path) & {"motor", "mongomock", "mongomock_motor", "pymongo"}
+
+
+def _message_literals(path: Path) -> list[int]:
+    """Lines of `path` where a dict literal with a "type" key (a wire message) is written."""
+    tree = ast.parse(path.read_text())
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Dict)
+            and any(isinstance(k, ast.Constant) and k.value == "type" for k in node.keys)]
+
+
+SERVER_FILES = [p for p in PACKAGE_FILES if p.name not in SDK_FILES | {"protocol.py"}]
+
+
+@pytest.mark.parametrize("path", SERVER_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_protocol_builds_server_messages(path):
+    """Every message the server sends comes from a constructor in watchout/protocol.py (the video frame's
+    bytes from watchout/frames.py, which writes no dict)."""
+    assert _message_literals(path) == []
+
+
+def test_the_message_check_finds_a_message_literal(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('peer.send({"type": "pong"})\n')
+    assert _message_literals(probe) == [1]
+
+
+def test_every_error_either_answers_or_closes():
+    from watchout import errors
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
+
+    kinds = (errors.ReplyError, errors.Disconnect)
+    found = [c for c in subclasses(errors.WatchoutError) if c not in kinds]
+    assert found and all(issubclass(c, kinds) for c in found), [c.__name__ for c in found]
+    assert all(isinstance(c.close_code, errors.CloseCode) for c in subclasses(errors.Disconnect))
+
+
+def test_the_architecture_page_names_every_module_and_only_modules_that_exist():
+    import re
+
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:[a-z_]+/)*[a-z_]+\.py)`", page))
+    core = {p.relative_to(ROOT / "watchout").as_posix() for p in (ROOT / "watchout").rglob("*.py")}
+    bases = (ROOT, ROOT / "watchout", ROOT / "watchout" / "store")
+    exists = {n for n in named if any((base / n).exists() for base in bases)}
+    assert named == exists, f"named but missing: {sorted(named - exists)}"
+    short = {n.removeprefix("watchout/") for n in named}
+    packaging = {"__init__.py", "__main__.py", "store/__init__.py"}
+    unnamed = {m for m in core if not {m, m.rsplit("/", 1)[-1]} & short and m not in packaging}
+    assert not unnamed, f"core modules the page does not name: {sorted(unnamed)}"
 
 
 def test_flake8_is_clean():

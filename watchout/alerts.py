@@ -12,10 +12,9 @@ from watchout.backoff import Backoff
 from watchout.broker import AlertItems, Broker
 from watchout.errors import StoreUnavailable, WriterBusy
 from watchout.hub import Hub, Peer, StreamState
-from watchout.protocol import Alert, encode, error_message
+from watchout.protocol import Alert, ack_message, alert_message, encode, error_message
 from watchout.sequencer import Sequencer
 from watchout.store import Store, new_alert_id, utcnow
-from watchout.views import alert_event
 
 log = logging.getLogger("watchout.alerts")
 MAX_BATCH = 256
@@ -152,7 +151,7 @@ class AlertIntake:
             p.result = (doc["alertId"], doc["seq"])
             self.stored += 1
             self._acknowledge(p)
-            items.append((doc["seq"], encode(alert_event(doc))))
+            items.append((doc["seq"], encode(alert_message(doc))))
             fanned_out.append(p)
         self._broker.alerts(sid, prev, items)
         live = self._hub.streams.get(sid)  # the watchers' state, also when they came during the write
@@ -191,9 +190,4 @@ class AlertIntake:
 
 
 def _ack(peer: Peer, stream_id: str, result: tuple[str, int], ref: str | None, *, duplicate: bool = False) -> None:
-    message: dict[str, Any] = {"type": "ack", "streamId": stream_id, "alertId": result[0], "seq": result[1]}
-    if duplicate:
-        message["duplicate"] = True
-    if ref is not None:
-        message["ref"] = ref
-    peer.send(message)
+    peer.send(ack_message(stream_id, result[0], result[1], duplicate=duplicate, ref=ref))

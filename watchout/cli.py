@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "token":
         return _token(settings, args)
     if args.command in ("cleanup", "report", "jobs", "backup"):
-        from workers.commands import run_command
+        from workers.admin import run_command
         return run_command(settings, args)
     workers = args.workers or os.cpu_count() or 1
     refusal = _workers_refusal(settings, workers)

@@ -12,7 +12,7 @@ import orjson
 from watchout.broker import AlertItems
 from watchout.errors import InvalidMessage, StoreUnavailable
 from watchout.frames import parse_binary_frame
-from watchout.hub import Hub, StreamState, close_replaced, status_message
+from watchout.hub import Hub, StreamState, close_replaced, status_now
 from watchout.protocol import STREAM_STATUSES, CloseCode, StreamStatus, error_message
 from watchout.sequencer import Sequencer
 from watchout.store import Store
@@ -102,7 +102,7 @@ class ClusterSink:
             return
         if state.producer is None and doc.get("status") in STREAM_STATUSES and doc["status"] != state.status:
             status = StreamStatus(doc["status"])
-            self._hub.deliver_status(state, status, status_message(stream_id, status))
+            self._hub.deliver_status(state, status, status_now(stream_id, status))
         self._sequencer.deliver(state, int(doc.get("lastSeq", 0)), [])
 
     def local_producers(self) -> list[tuple[str, str]]:

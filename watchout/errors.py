@@ -25,14 +25,15 @@ class CloseCode(enum.IntEnum):
 
 
 class WatchoutError(Exception):
-    """Base class; used as-is it means an unexpected internal failure.
+    """Base class: a stable code, an HTTP status and a message. Raise one of its two kinds.
 
-    `close_code` None means a WebSocket gets an `error` reply and stays open.
+    Over a WebSocket a `ReplyError` is answered with an `error` reply and the connection stays open; a
+    `Disconnect` is answered the same way, then the connection closes with its `close_code` (centrifuge's
+    Error/Disconnect split). `watchout.session.Session.fail` is the one place that tells them apart.
     """
 
     code = "internal"
     http_status = 500
-    close_code: CloseCode | None = CloseCode.INTERNAL
     ref: str | None = None  # the `id` of the client message that caused it, when known
 
     def __init__(self, message: str = "internal error", *, code: str | None = None) -> None:
@@ -42,74 +43,84 @@ class WatchoutError(Exception):
             self.code = code
 
 
-class InvalidMessage(WatchoutError):
+class ReplyError(WatchoutError):
+    """An error the client is told of; its connection stays open."""
+
+
+class Disconnect(WatchoutError):
+    """An error that closes the connection, with this close code."""
+
+    close_code: CloseCode = CloseCode.INTERNAL
+
+
+class InternalError(Disconnect):
+    """An unexpected failure (logged where it was caught): 500, or close 1011."""
+
+
+class InvalidMessage(ReplyError):
     code = "invalid-message"
     http_status = 400
-    close_code = None
 
 
-class Unauthenticated(WatchoutError):
+class Unauthenticated(Disconnect):
     code = "unauthenticated"
     http_status = 401
     close_code = CloseCode.UNAUTHENTICATED
 
 
-class AuthTimeout(WatchoutError):
+class AuthTimeout(Disconnect):
     code = "auth-timeout"
     http_status = 401
     close_code = CloseCode.AUTH_TIMEOUT
 
 
-class Forbidden(WatchoutError):
+class Forbidden(Disconnect):
     code = "forbidden"
     http_status = 403
     close_code = CloseCode.FORBIDDEN
 
 
-class NotFound(WatchoutError):
+class NotFound(ReplyError):
     code = "not-found"
     http_status = 404
-    close_code = None
 
 
-class StreamBusy(WatchoutError):
+class StreamBusy(Disconnect):
     code = "stream-busy"
     http_status = 409
     close_code = CloseCode.REPLACED
 
 
-class TooLarge(WatchoutError):
+class TooLarge(Disconnect):
     code = "too-large"
     http_status = 413
     close_code = CloseCode.TOO_BIG
 
 
-class RateLimited(WatchoutError):
+class RateLimited(Disconnect):
     code = "rate-limited"
     http_status = 429
     close_code = CloseCode.RATE_LIMITED
 
 
-class SlowConsumer(WatchoutError):
+class SlowConsumer(Disconnect):
     code = "slow-consumer"
     http_status = 503
     close_code = CloseCode.SLOW_CONSUMER
 
 
-class StoreUnavailable(WatchoutError):
+class StoreUnavailable(ReplyError):
     """The database did not answer; the client may retry the same message (alerts are idempotent by `id`)."""
 
     code = "store-unavailable"
     http_status = 503
-    close_code = None
 
 
-class WriterBusy(WatchoutError):
+class WriterBusy(ReplyError):
     """Another node holds the stream's alert writer lease (internal: the intake waits and tries again)."""
 
     code = "writer-busy"
     http_status = 503
-    close_code = None
 
 
 class ConfigError(Exception):

@@ -20,33 +20,12 @@ import orjson
 import pybase64
 
 from watchout.errors import InvalidMessage
-from watchout.wsframe import OP_BINARY, OP_TEXT, build_ws_frame
+from watchout.outgoing import Outgoing
 
 MAGIC = b"WO"
 VERSION = 1
 HEADER = struct.Struct("!2sBBQHH")
 HEADER_SIZE = HEADER.size  # 16
-
-
-class Outgoing:
-    """A payload and its wire frame, built on first use and shared by every consumer."""
-
-    __slots__ = ("payload", "binary", "_wire", "is_droppable")
-
-    def __init__(self, payload: bytes, binary: bool = False, *, is_droppable: bool = False) -> None:
-        self.payload = payload
-        self.binary = binary
-        self.is_droppable = is_droppable  # video frames may be dropped for a slow consumer
-        self._wire: bytes | None = None
-
-    @property
-    def wire(self) -> bytes:
-        if self._wire is None:
-            self._wire = build_ws_frame(self.payload, OP_BINARY if self.binary else OP_TEXT)
-        return self._wire
-
-    def __len__(self) -> int:
-        return len(self.payload)
 
 
 class Frame:

@@ -7,18 +7,19 @@ from typing import Any
 
 from watchout.auth import Principal
 from watchout.broker import AlertItems, Broker, MemoryBroker
-from watchout.frames import Frame, Outgoing
+from watchout.frames import Frame
+from watchout.outgoing import Outgoing
 from watchout.outbox import Flusher, Outbox, Writer
 from watchout.errors import StreamBusy
-from watchout.protocol import StreamStatus, encode, error_message
+from watchout.protocol import StreamStatus, encode, error_message, status_message
 
 EVENTS, VIDEO = 1, 2  # the broker channels of a stream a node listens to
 FPS_WINDOW_S = 2.0
 
 
-def status_message(stream_id: str, status: StreamStatus) -> bytes:
-    """The `status` message telling a stream's participants its status, as of now."""
-    return encode({"type": "status", "streamId": stream_id, "status": status, "timestamp": int(time.time() * 1000)})
+def status_now(stream_id: str, status: StreamStatus) -> bytes:
+    """The `status` message telling a stream's participants its status, as of now, encoded."""
+    return encode(status_message(stream_id, status, int(time.time() * 1000)))
 
 
 class Peer:
@@ -62,7 +63,6 @@ def close_replaced(peer: Peer) -> None:
     """Tell a producer that a newer one took over its stream (here or on another node), then close it (4409)."""
     busy = StreamBusy("a newer producer took over this stream", code="producer-replaced")
     peer.send(error_message(busy.code, busy.message))
-    assert busy.close_code is not None
     peer.close(busy.close_code, busy.message)
 
 
@@ -374,7 +374,7 @@ class Hub:
 
     def publish_status(self, state: StreamState, status: StreamStatus, *, skip: Peer | None = None) -> None:
         """Tell the stream's participants here and on other nodes its new status."""
-        payload = status_message(state.stream_id, status)
+        payload = status_now(state.stream_id, status)
         self.broker.status(state.stream_id, payload)
         self.deliver_status(state, status, payload, skip=skip)
 
@@ -382,7 +382,7 @@ class Hub:
         """A stream's status decided without its producer (a job found it gone): every node's watchers hear it."""
         state = self.streams.get(stream_id)
         if state is None:
-            self.broker.status(stream_id, status_message(stream_id, status))
+            self.broker.status(stream_id, status_now(stream_id, status))
         elif state.producer is None:
             self.publish_status(state, status)
 

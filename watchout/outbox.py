@@ -8,7 +8,7 @@ import asyncio
 from typing import Any, Protocol
 
 from watchout.errors import SlowConsumer
-from watchout.frames import Outgoing
+from watchout.outgoing import Outgoing
 
 
 class Writer(Protocol):
@@ -183,6 +183,5 @@ class Outbox:
         self._held.clear()
         self._batch.clear()
         error = SlowConsumer("consumer too slow: outgoing buffer limit reached")
-        assert error.close_code is not None
         if self._writer is not None:
             self._writer.close_with(error.close_code, error.message)

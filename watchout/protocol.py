@@ -3,10 +3,15 @@ messages, the close codes, the stream statuses and the stream-id rule.
 
 Error codes a client can receive in `error` replies are the `code=` strings below; docs/protocol.md
 lists them. Sizes are checked before any JSON is parsed.
+
+Client messages are parsed with the standard library's decoder and an object-pairs hook, because the strict
+JSON rules need it: msgspec Structs (considered for issue 13) reject unknown fields but take the last of
+duplicate keys silently (msgspec 0.23), which these rules refuse.
 """
 from __future__ import annotations
 
 import binascii
+import datetime as dt
 import enum
 import json
 import math
@@ -501,14 +506,110 @@ def parse_binary(data: bytes) -> VideoFrame:
 
 
 # ----------------------------------------------------------------------------- server messages
+# Every message the server sends is built here, by one constructor per `type` (the video frame, built once
+# per form for every consumer, by `watchout.frames`). A constructor takes the message's fields as typed
+# arguments and leaves out what a client would receive as absent; `ref` echoes the `id` of the client
+# message answered.
 
-def encode(message: dict[str, Any]) -> bytes:
+ServerMessage = dict[str, Any]
+
+
+def encode(message: ServerMessage) -> bytes:
     """A server message as JSON bytes (camelCase keys as given)."""
     return orjson.dumps(message)
 
 
-def error_message(code: str, text: str, ref: str | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"type": "error", "code": code, "message": text}
+def epoch_ms(value: dt.datetime) -> int:
+    """A stored time as the wire's milliseconds since the epoch."""
+    return int(value.timestamp() * 1000)
+
+
+def _with_ref(message: ServerMessage, ref: str | None) -> ServerMessage:
     if ref is not None:
         message["ref"] = ref
+    return message
+
+
+def error_message(code: str, text: str, ref: str | None = None, *, stream_id: str | None = None,
+                  retry_after_ms: int | None = None) -> ServerMessage:
+    """`error`: what went wrong with a client message (`code` is stable, `message` for people)."""
+    message: ServerMessage = {"type": "error", "code": code, "message": text}
+    if stream_id is not None:
+        message["streamId"] = stream_id
+    if retry_after_ms is not None:
+        message["retryAfterMs"] = retry_after_ms
+    return _with_ref(message, ref)
+
+
+def authenticated_message(sub: str, role: str, expires_at_s: float, ref: str | None) -> ServerMessage:
+    """`authenticated`: the answer to `auth`, with when the new token expires."""
+    return _with_ref({"type": "authenticated", "sub": sub, "role": role, "expiresAt": int(expires_at_s * 1000)}, ref)
+
+
+def registered_message(stream_id: str, connection_id: str, ref: str | None) -> ServerMessage:
+    """`registered`: the answer to a producer's `register`."""
+    return _with_ref({"type": "registered", "streamId": stream_id, "connectionId": connection_id,
+                      "status": StreamStatus.ONLINE}, ref)
+
+
+def subscribed_message(stream_id: str, connection_id: str, status: StreamStatus, *, binary: bool,
+                       epoch: str | None, last_seq: int | None, reset: bool, ref: str | None) -> ServerMessage:
+    """`subscribed`: the answer to `subscribe`; `reset` says the watcher's saved history is another one."""
+    message: ServerMessage = {"type": "subscribed", "streamId": stream_id, "connectionId": connection_id,
+                              "status": status, "format": "binary" if binary else "json"}
+    if epoch is not None:
+        message["epoch"] = epoch
+    if last_seq is not None:
+        message["lastSeq"] = last_seq
+    if reset:
+        message["reset"] = True
+    return _with_ref(message, ref)
+
+
+def unsubscribed_message(stream_id: str, ref: str | None) -> ServerMessage:
+    return _with_ref({"type": "unsubscribed", "streamId": stream_id}, ref)
+
+
+def pong_message(ref: str | None) -> ServerMessage:
+    return _with_ref({"type": "pong"}, ref)
+
+
+def status_message(stream_id: str, status: StreamStatus, at_ms: int) -> ServerMessage:
+    """`status`: a stream's status, to its participants."""
+    return {"type": "status", "streamId": stream_id, "status": status, "timestamp": at_ms}
+
+
+def ack_message(stream_id: str, alert_id: str, seq: int, *, duplicate: bool, ref: str | None) -> ServerMessage:
+    """`ack`: the alert is stored, with its id and seq (`duplicate`: it was stored before, under this id)."""
+    message: ServerMessage = {"type": "ack", "streamId": stream_id, "alertId": alert_id, "seq": seq}
+    if duplicate:
+        message["duplicate"] = True
+    return _with_ref(message, ref)
+
+
+def alert_message(doc: dict[str, Any]) -> ServerMessage:
+    """`alert`, live or replayed, from the stored alert: the sender's fields first, then the server's."""
+    message: ServerMessage = {"type": "alert", "streamId": doc["streamId"], "severity": doc["severity"],
+                              "message": doc["message"], "metadata": doc["metadata"], "timestamp": doc["timestamp"],
+                              "alertId": doc["alertId"], "seq": doc["seq"], "receivedAt": epoch_ms(doc["receivedAt"])}
+    if doc.get("hasSnapshot"):
+        message["hasSnapshot"] = True
+    if doc.get("acknowledged"):
+        message["acknowledged"] = {"by": doc["acknowledged"]["by"], "at": epoch_ms(doc["acknowledged"]["at"])}
+    return message
+
+
+def alert_acknowledged_message(doc: dict[str, Any]) -> ServerMessage:
+    """`alert-acknowledged`: to a stream's alert watchers when an operator acknowledges one of its alerts."""
+    ack = doc["acknowledged"]
+    return {"type": "alert-acknowledged", "streamId": doc["streamId"], "alertId": doc["alertId"], "seq": doc["seq"],
+            "acknowledged": {"by": ack["by"], "at": epoch_ms(ack["at"])}}
+
+
+def replay_complete_message(stream_id: str, last_seq: int, *, complete: bool, reset: bool) -> ServerMessage:
+    """`replay-complete`: the stored alerts since `sinceSeq` are sent (`complete` false: the store failed)."""
+    message: ServerMessage = {"type": "replay-complete", "streamId": stream_id, "lastSeq": last_seq,
+                              "complete": complete}
+    if reset:
+        message["reset"] = True
     return message

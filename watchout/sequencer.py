@@ -24,10 +24,9 @@ from typing import Any
 from watchout.broker import AlertItems
 from watchout.errors import StoreUnavailable
 from watchout.hub import Hub, Peer, StreamState
-from watchout.frames import Outgoing
-from watchout.protocol import CloseCode, encode, error_message
+from watchout.outgoing import Outgoing
+from watchout.protocol import CloseCode, alert_message, encode, error_message, replay_complete_message
 from watchout.store import Store
-from watchout.views import alert_event
 
 log = logging.getLogger("watchout.sequencer")
 FILL_PAGE = 500
@@ -83,7 +82,7 @@ class Sequencer:
             held.append((seq, message))
             if len(held) > MAX_REPLAY_BUFFER:  # the replay cannot keep up: this watcher must reconnect
                 state.replaying.pop(peer, None)
-                peer.send({"type": "error", "code": "slow-consumer", "message": "replay fell too far behind"})
+                peer.send(error_message("slow-consumer", "replay fell too far behind"))
                 peer.close(CloseCode.SLOW_CONSUMER, "replay fell too far behind")
 
     async def _fill(self, state: StreamState) -> None:
@@ -106,7 +105,7 @@ class Sequencer:
             except StoreUnavailable as exc:
                 log.error("could not read missed alerts: %s", exc.message, extra={"stream": state.stream_id})
                 return  # the watchers resume from the store with sinceSeq when they reconnect
-            missed = [(a["seq"], encode(alert_event(a))) for a in page if a["seq"] <= prev]
+            missed = [(a["seq"], encode(alert_message(a))) for a in page if a["seq"] <= prev]
             self.filled += len(missed)
             self._send(state, prev if len(missed) < FILL_PAGE else missed[-1][0], missed)
 
@@ -145,10 +144,10 @@ class Sequencer:
                 caught_up = len(page) < REPLAY_PAGE
                 for index, alert in enumerate(page):
                     if delivered is not None and alert["seq"] > delivered:
-                        self.deliver(state, last, [(a["seq"], encode(alert_event(a))) for a in page[index:]])
+                        self.deliver(state, last, [(a["seq"], encode(alert_message(a))) for a in page[index:]])
                         caught_up = True
                         break
-                    peer.outbox.send(Outgoing(encode(alert_event(alert))))
+                    peer.outbox.send(Outgoing(encode(alert_message(alert))))
                     last = alert["seq"]
                 if caught_up:
                     break
@@ -158,10 +157,7 @@ class Sequencer:
             peer.send(error_message(exc.code, f"replay stopped: {exc.message}"))
         if not _still_replaying(peer, state):
             return
-        done: dict[str, Any] = {"type": "replay-complete", "streamId": sid, "lastSeq": last, "complete": complete}
-        if reset:
-            done["reset"] = True
-        peer.send(done)
+        peer.send(replay_complete_message(sid, last, complete=complete, reset=reset))
         self._finish_replay(state, peer, last)
 
     def _finish_replay(self, state: StreamState, peer: Peer, last_seq: int) -> None:

@@ -279,14 +279,14 @@ async def _close_when_drained(services: Services, timeout_s: float,
     deadline = loop.time() + timeout_s
     while True:
         try:
-            await asyncio.wait_for(services.relay.drain(), max(0.0, deadline - loop.time()))
+            await asyncio.wait_for(services.commands.drain(), max(0.0, deadline - loop.time()))
         except TimeoutError:
             log.error("pending writes did not finish within %.1f s", timeout_s)
             break
         if stopping_jobs is not None and not stopping_jobs.done():
             await stopping_jobs
             continue
-        if services.relay.is_idle:
+        if services.commands.is_idle:
             break
     for peer in list(services.hub.peers.values()):
         peer.close(CloseCode.GOING_AWAY, "server shutting down")

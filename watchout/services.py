@@ -15,7 +15,7 @@ from watchout.hub import Hub
 from watchout.jobboard import JobBoard
 from watchout.metrics import Metrics
 from watchout.protocol import Limits
-from watchout.relay import Relay
+from watchout.commands import Commands
 from watchout.sequencer import Sequencer
 from watchout.settings import Settings
 from watchout.store import Store, open_store
@@ -29,7 +29,7 @@ class Services:
     store: Store
     hub: Hub
     verifier: TokenVerifier
-    relay: Relay
+    commands: Commands
     limits: Limits
     metrics: Metrics
     started_at: float = field(default_factory=time.time)
@@ -37,7 +37,7 @@ class Services:
 
     @property
     def intake(self) -> AlertIntake:
-        return self.relay.intake
+        return self.commands.intake
 
     @property
     def broker(self) -> Broker:
@@ -51,7 +51,7 @@ class Services:
         """
         verifier = TokenVerifier(settings)
         self.settings = settings
-        self.verifier = self.relay.verifier = verifier
+        self.verifier = self.commands.verifier = verifier
 
 
 def build_services(settings: Settings, store: Store) -> Services:
@@ -63,11 +63,11 @@ def build_services(settings: Settings, store: Store) -> Services:
     intake = AlertIntake(store, hub, sequencer, hub.broker, on_latency=metrics.alert_latency.observe)
     sink = ClusterSink(hub, sequencer, store)
     hub.broker.attach(sink)
-    relay = Relay(store, hub, verifier, intake, sink, sequencer)
+    commands = Commands(store, hub, verifier, intake, sink, sequencer)
     limits = Limits(settings.max_control_message_bytes, settings.max_metadata_bytes, settings.max_snapshot_bytes)
     metrics.watch(hub, intake)
     store.observer = metrics.observe_store
-    return Services(settings, store, hub, verifier, relay, limits, metrics)
+    return Services(settings, store, hub, verifier, commands, limits, metrics)
 
 
 def make_broker(settings: Settings) -> Broker:
@@ -96,7 +96,7 @@ async def open_services(settings: Settings, store: Store | None = None) -> Async
         yield services
     finally:
         loop_lag.stop()
-        await services.relay.drain()
+        await services.commands.drain()
         await services.broker.close()
         if own_store:
             store.close()

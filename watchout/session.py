@@ -10,11 +10,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from watchout.errors import AuthTimeout, RateLimited, StoreUnavailable, Unauthenticated, WatchoutError
+from watchout.errors import (AuthTimeout, Disconnect, InternalError, RateLimited, StoreUnavailable, Unauthenticated,
+                             WatchoutError)
 from watchout.hub import Peer
 from watchout.outbox import Outbox, Writer
 from watchout.protocol import (Alert, Auth, CloseCode, Message, Ping, Register, Subscribe, Unsubscribe, VideoFrame,
-                               dropped_ref, error_message, parse_binary, parse_text)
+                               dropped_ref, error_message, pong_message, parse_binary, parse_text)
 from watchout.services import Services
 
 log = logging.getLogger("watchout.session")
@@ -45,7 +46,7 @@ SYSTEM_CLOCK = Clock()
 
 class Session:
     """One connection as the policy sees it: it gets the raw messages and decides, for each, to reply, to close
-    with a code, or to dispatch it to the relay. Nothing raised by the core escapes `receive`: every error
+    with a code, or to dispatch it to the commands. Nothing raised by the core escapes `receive`: every error
     becomes an `error` reply or a close. Writes go through the connection's `Writer` (the socket).
 
     Slotted and without a task of its own: an idle connection costs its fields only.
@@ -92,7 +93,7 @@ class Session:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             try:
-                self.services.relay.authenticate(peer, token.strip())
+                self.services.commands.authenticate(peer, token.strip())
             except WatchoutError as exc:
                 self.fail(exc, None)
                 return peer
@@ -106,14 +107,14 @@ class Session:
         self.peer.last_heard = self.clock.monotonic()
 
     def end(self) -> None:
-        """The connection has closed: stop the timer, leave the relay and the hub, drop the writer."""
+        """The connection has closed: stop the timer, leave the commands and the hub, drop the writer."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         peer = self._peer
         if peer is not None:
             peer.outbox.is_closed = True
-            self.services.relay.disconnect(peer)
+            self.services.commands.disconnect(peer)
             peer.detach()
 
     def log_context(self, stream: str | None = None) -> dict[str, str]:
@@ -176,36 +177,36 @@ class Session:
         try:
             if not self._within_rate(message):
                 return None
-            relay = self.services.relay
+            commands = self.services.commands
             msg = parse_binary(message) if isinstance(message, bytes) else parse_text(message, self.services.limits)
             if peer.principal is None and not isinstance(msg, (Register, Subscribe, Auth)):
                 raise Unauthenticated("authenticate first: register, subscribe or auth with a token",
                                       code="token-missing")
             if type(msg) is VideoFrame:
-                relay.frame(peer, msg)
+                commands.frame(peer, msg)
                 return None
             if type(msg) is Alert:
-                pending = relay.alert(peer, msg)
+                pending = commands.alert(peer, msg)
                 return None if pending is None else self._guarded(pending, msg.ref)
             if isinstance(msg, (Register, Subscribe)):
                 self.stream = msg.stream_id
             if isinstance(msg, Register):
-                return self._guarded(relay.register(peer, msg), msg.ref, authenticates=True)
+                return self._guarded(commands.register(peer, msg), msg.ref, authenticates=True)
             if isinstance(msg, Subscribe):
-                return self._guarded(relay.subscribe(peer, msg), msg.ref, authenticates=True)
+                return self._guarded(commands.subscribe(peer, msg), msg.ref, authenticates=True)
             if isinstance(msg, Auth):
-                relay.auth(peer, msg)
+                commands.auth(peer, msg)
                 self._authenticated()
             elif isinstance(msg, Unsubscribe):
-                relay.unsubscribe(peer, msg)
+                commands.unsubscribe(peer, msg)
             elif isinstance(msg, Ping):
-                peer.send({"type": "pong", **({"ref": msg.ref} if msg.ref else {})})
+                peer.send(pong_message(msg.ref))
         except WatchoutError as exc:
             self.fail(exc, getattr(msg, "ref", None))
         except Exception:
             log.exception("unexpected error handling a message",
                           extra=self.log_context(getattr(msg, "stream_id", None)))
-            self.fail(WatchoutError(), getattr(msg, "ref", None))
+            self.fail(InternalError(), getattr(msg, "ref", None))
         return None
 
     async def _guarded(self, work: Awaitable[None], ref: str | None, authenticates: bool = False) -> None:
@@ -215,7 +216,7 @@ class Session:
             self.fail(exc, ref)
         except Exception:
             log.exception("unexpected error handling a message", extra=self.log_context())
-            self.fail(WatchoutError(), ref)
+            self.fail(InternalError(), ref)
         finally:
             if authenticates:
                 self._authenticated()  # the token was accepted even if the message then failed
@@ -245,28 +246,26 @@ class Session:
             if ref is not None or now - self.limited_replied > 0.1:
                 if ref is None:
                     self.limited_replied = now
-                reply = error_message("rate-limited", "too many messages; this one was dropped", ref)
-                reply["retryAfterMs"] = max(1, math.ceil((1.0 - self.tokens) * 1000 / s.rate_limit_msgs_per_s))
-                self.peer.send(reply)
+                retry_ms = max(1, math.ceil((1.0 - self.tokens) * 1000 / s.rate_limit_msgs_per_s))
+                self.peer.send(error_message("rate-limited", "too many messages; this one was dropped", ref,
+                                             retry_after_ms=retry_ms))
         return False
 
     def fail(self, exc: WatchoutError, ref: str | None) -> None:
-        """The one place where core errors become an `error` reply or a close code."""
+        """The one place where core errors become an `error` reply (a ReplyError) or a reply and a close (a
+        Disconnect, with its close code)."""
         if isinstance(exc, (Unauthenticated, AuthTimeout)):
             self.services.metrics.auth_failures.labels(exc.code).inc()
         peer = self.peer
-        reply = error_message(exc.code, exc.message, ref or exc.ref)
-        if exc.close_code is None:
-            peer.send(reply)
-            if not isinstance(exc, StoreUnavailable) and self._strike():
-                peer.send(error_message("too-many-errors", "too many invalid messages"))
-                peer.outbox.flush()
-                peer.close(CloseCode.POLICY, "too many invalid messages")
-            return
-        if self.close_cause is None:
-            self.close_cause = exc.code  # logged, with the close code, when the connection has closed
-        peer.send(reply)
-        peer.close(exc.close_code, exc.message)
+        peer.send(error_message(exc.code, exc.message, ref or exc.ref))
+        if isinstance(exc, Disconnect):
+            if self.close_cause is None:
+                self.close_cause = exc.code  # logged, with the close code, when the connection has closed
+            peer.close(exc.close_code, exc.message)
+        elif not isinstance(exc, StoreUnavailable) and self._strike():
+            peer.send(error_message("too-many-errors", "too many invalid messages"))
+            peer.outbox.flush()
+            peer.close(CloseCode.POLICY, "too many invalid messages")
 
     def _strike(self) -> bool:
         now = self.clock.monotonic()

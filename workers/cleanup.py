@@ -67,7 +67,7 @@ async def prune_stale_streams(services: Services, now: dt.datetime, *, dry_run: 
             removed.append(RemovedStream(stream_id, str(doc["ownerId"]), "never seen" if seen is None else "offline",
                                          seen, doc["createdAt"]))
             if not dry_run:
-                services.relay.close_stream(stream_id, CloseCode.STREAM_DELETED, "stream removed by retention")
+                services.commands.close_stream(stream_id, CloseCode.STREAM_DELETED, "stream removed by retention")
         progress.step("streams", index, len(candidates))
     progress.end()
     if removed and not dry_run:

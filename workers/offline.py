@@ -42,7 +42,7 @@ async def check_producers(services: Services, at: Instant) -> ProducerCheck:
         quiet_s = at.mono - peer.last_heard
         heard = at.wall_at(peer.last_heard)
         if quiet_s > settings.offline_after_s:
-            services.relay.release_producer(state)
+            services.commands.release_producer(state)
             reason = f"nothing heard from the producer for {quiet_s:.0f} s"
             peer.close(CloseCode.NORMAL, reason)  # as Tornado's own ping timeout: it may reconnect at once
             silent[state.stream_id] = heard

@@ -12,14 +12,16 @@ from watchout.auth import Principal, TokenVerifier, can_watch, check_produce, ch
 from watchout.cluster import ClusterSink, initial_state
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StoreUnavailable, Unauthenticated
 from watchout.hub import Hub, Peer, StreamState, Subscription, close_replaced
-from watchout.protocol import Alert, Auth, Register, StreamStatus, Subscribe, Unsubscribe, VideoFrame
+from watchout.protocol import (Alert, Auth, Register, StreamStatus, Subscribe, Unsubscribe, VideoFrame,
+                               authenticated_message, error_message, registered_message, subscribed_message,
+                               unsubscribed_message)
 from watchout.sequencer import Sequencer
 from watchout.store import Store
 
 log = logging.getLogger("watchout.relay")
 
 
-class Relay:
+class Commands:
     """The core operations behind the WebSocket protocol, one method per client message."""
 
     def __init__(self, store: Store, hub: Hub, verifier: TokenVerifier, intake: AlertIntake, sink: ClusterSink,
@@ -54,8 +56,8 @@ class Relay:
             state = self.hub.streams.get(stream_id)
             if state is not None and not can_watch(principal, stream_id, state.owner_id):
                 self.hub.remove_watcher(state, peer)
-                peer.send({"type": "error", "code": "not-found", "streamId": stream_id,
-                           "message": f"stream {stream_id} not found; unsubscribed"})
+                peer.send(error_message("not-found", f"stream {stream_id} not found; unsubscribed",
+                                        stream_id=stream_id))
         if peer.producing is not None:
             state = self.hub.streams.get(peer.producing)
             if state is not None:
@@ -63,8 +65,7 @@ class Relay:
 
     def auth(self, peer: Peer, msg: Auth) -> Principal:
         principal = self.authenticate(peer, msg.token)
-        _reply(peer, {"type": "authenticated", "sub": principal.sub, "role": principal.role,
-                      "expiresAt": int(principal.expires_at * 1000)}, msg.ref)
+        peer.send(authenticated_message(principal.sub, principal.role, principal.expires_at, msg.ref))
         return principal
 
     async def _lookup(self, stream_id: str) -> tuple[str | None, dict[str, Any] | None]:
@@ -108,15 +109,14 @@ class Relay:
         peer.client_type = "mobile"
         if previous is not None:
             close_replaced(previous)
-        _reply(peer, {"type": "registered", "streamId": msg.stream_id, "connectionId": peer.id,
-                      "status": StreamStatus.ONLINE}, msg.ref)
+        peer.send(registered_message(msg.stream_id, peer.id, msg.ref))
         self.hub.publish_status(state, StreamStatus.ONLINE, skip=peer)
         if not created:
             self._in_background(self.store.set_stream_status(msg.stream_id, StreamStatus.ONLINE), msg.stream_id)
         log.info("producer registered", extra={"conn": peer.id, "user": principal.sub, "stream": msg.stream_id})
 
     def frame(self, peer: Peer, msg: VideoFrame) -> None:
-        """Relay a frame from the stream's producer (the session has already turned away unauthenticated peers)."""
+        """Commands a frame from the stream's producer (the session has already turned away unauthenticated peers)."""
         frame = msg.frame
         state = self.hub.streams.get(frame.stream_id)
         if state is None or state.producer is not peer:
@@ -148,17 +148,10 @@ class Relay:
             history = await self._history(msg.stream_id)
             reset = _from_another_history(msg, history)
         await self.hub.broker.ready(msg.stream_id)  # with several nodes: until Redis confirms the subscription
-        reply: dict[str, Any] = {"type": "subscribed", "streamId": msg.stream_id, "connectionId": peer.id,
-                                 "status": state.status, "format": "binary" if msg.binary else "json"}
         epoch = state.epoch if state.epoch is not None else (history or {}).get("epoch")
-        if epoch is not None:
-            reply["epoch"] = epoch
-        delivered = self.sequencer.delivered(state)
-        if delivered is not None:
-            reply["lastSeq"] = delivered
-        if reset:
-            reply["reset"] = True  # before the replay: the watcher starts its list again
-        _reply(peer, reply, msg.ref)
+        # `reset` comes before the replay: the watcher starts its list again
+        peer.send(subscribed_message(msg.stream_id, peer.id, state.status, binary=msg.binary, epoch=epoch,
+                                     last_seq=self.sequencer.delivered(state), reset=reset, ref=msg.ref))
         if replay:
             assert msg.since_seq is not None
             # not awaited: the subscriber's reads (pongs included) must go on during a long replay
@@ -178,7 +171,7 @@ class Relay:
         if state is None or msg.stream_id not in peer.watching:
             raise NotFound(f"not subscribed to {msg.stream_id}", code="not-subscribed")
         self.hub.remove_watcher(state, peer)
-        _reply(peer, {"type": "unsubscribed", "streamId": msg.stream_id}, msg.ref)
+        peer.send(unsubscribed_message(msg.stream_id, msg.ref))
 
     def alert(self, peer: Peer, msg: Alert) -> Coroutine[Any, Any, None] | None:
         """Check the sender may alert on the stream and hand the alert to the intake.
@@ -261,12 +254,6 @@ async def _logged(work: Coroutine[Any, Any, None], what: str, context: dict[str,
         log.error("%s failed: %s", what, exc.message, extra=context)
     except Exception:
         log.exception("%s failed", what, extra=context)
-
-
-def _reply(peer: Peer, message: dict[str, Any], ref: str | None) -> None:
-    if ref is not None:
-        message["ref"] = ref
-    peer.send(message)
 
 
 def _from_another_history(msg: Subscribe, history: dict[str, Any] | None) -> bool:

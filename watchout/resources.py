@@ -8,35 +8,12 @@ from watchout.hub import StreamState
 from watchout.protocol import StreamStatus
 
 
-def _ms(value: dt.datetime) -> int:
-    return int(value.timestamp() * 1000)
-
-
 def _iso(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
     if value.tzinfo is None:  # a naive time is UTC (both stores hand back aware ones)
         value = value.replace(tzinfo=dt.timezone.utc)
     return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def alert_event(doc: dict[str, Any]) -> dict[str, Any]:
-    """The `alert` message, live or replayed: the sender's fields first, then the server's."""
-    event: dict[str, Any] = {"type": "alert", "streamId": doc["streamId"], "severity": doc["severity"],
-                             "message": doc["message"], "metadata": doc["metadata"], "timestamp": doc["timestamp"],
-                             "alertId": doc["alertId"], "seq": doc["seq"], "receivedAt": _ms(doc["receivedAt"])}
-    if doc.get("hasSnapshot"):
-        event["hasSnapshot"] = True
-    if doc.get("acknowledged"):
-        event["acknowledged"] = {"by": doc["acknowledged"]["by"], "at": _ms(doc["acknowledged"]["at"])}
-    return event
-
-
-def ack_event(doc: dict[str, Any]) -> dict[str, Any]:
-    """Pushed to a stream's alert watchers when an operator acknowledges one of its alerts."""
-    ack = doc["acknowledged"]
-    return {"type": "alert-acknowledged", "streamId": doc["streamId"], "alertId": doc["alertId"], "seq": doc["seq"],
-            "acknowledged": {"by": ack["by"], "at": _ms(ack["at"])}}
 
 
 def alert_resource(doc: dict[str, Any]) -> dict[str, Any]:

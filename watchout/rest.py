@@ -16,11 +16,11 @@ import orjson
 from watchout.auth import Principal, can_watch, check_watch
 from watchout.errors import Forbidden, InvalidMessage, NotFound, StreamBusy
 from watchout.protocol import (MAX_NESTING, STREAM_STATUSES, CloseCode, check_stream_id, has_unstorable_key,
-                               is_stream_id, nesting_depth)
+                               alert_acknowledged_message, is_stream_id, nesting_depth)
 from watchout.queries import (check_names, decode_cursor, encode_cursor, is_alert_id, is_seq, is_time,
                               parse_alert_filter, parse_choice, parse_limit, parse_owner)
 from watchout.services import Services
-from watchout.views import ack_event, alert_resource, stream_resource
+from watchout.resources import alert_resource, stream_resource
 
 Args = Mapping[str, Sequence[str]]
 MAX_NAME_CHARS = 200
@@ -122,7 +122,7 @@ async def delete_stream(services: Services, p: Principal, stream_id: str) -> Non
     doc = await _visible_stream(services, p, stream_id)
     if doc["ownerId"] != p.sub and not p.is_admin:
         raise Forbidden("only the owner or an admin may delete a stream")
-    services.relay.close_stream(stream_id, CloseCode.STREAM_DELETED, "stream deleted")
+    services.commands.close_stream(stream_id, CloseCode.STREAM_DELETED, "stream deleted")
     await services.store.delete_stream(stream_id)
 
 
@@ -195,7 +195,7 @@ async def acknowledge(services: Services, p: Principal, alert_id: str) -> dict[s
         raise NotFound(f"alert {alert_id} not found")
     if before.get("acknowledged") is None:
         services.metrics.alerts_acknowledged.inc()
-    services.hub.publish_to_watchers(doc["streamId"], ack_event(doc))
+    services.hub.publish_to_watchers(doc["streamId"], alert_acknowledged_message(doc))
     return alert_resource(doc)
 
 
