@@ -5,6 +5,8 @@ from handlers.alerts import AlertAckHandler, AlertsHandler, SnapshotHandler, Str
 from handlers.base import NotFoundHandler
 from handlers.dashboard import DashboardHandler, DashboardRedirectHandler
 from handlers.metrics import MetricsHandler
+from handlers.notifications import (AlertDeliveriesHandler, PushKeyHandler, PushSubscriptionsHandler, WebhookHandler,
+                                    WebhookRotateHandler, WebhooksHandler, WebhookTestHandler)
 from handlers.openapi import OpenApiHandler
 from handlers.socket import RelaySocket
 from handlers.status import HealthHandler, StatsHandler
@@ -22,6 +24,13 @@ ROUTES: Routes = [
     (r"/api/alerts", AlertsHandler),
     (rf"/api/alerts/{_ID}/ack", AlertAckHandler),
     (rf"/api/alerts/{_ID}/snapshot\.jpg", SnapshotHandler),
+    (rf"/api/alerts/{_ID}/deliveries", AlertDeliveriesHandler),
+    (r"/api/webhooks", WebhooksHandler),
+    (rf"/api/webhooks/{_ID}", WebhookHandler),
+    (rf"/api/webhooks/{_ID}/test", WebhookTestHandler),
+    (rf"/api/webhooks/{_ID}/rotate-secret", WebhookRotateHandler),
+    (r"/api/push/public-key", PushKeyHandler),
+    (r"/api/push/subscriptions", PushSubscriptionsHandler),
     (r"/api/openapi\.json", OpenApiHandler),
     (r"/dashboard", DashboardRedirectHandler),
     (r"/dashboard/(.*)", DashboardHandler),

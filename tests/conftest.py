@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,7 @@ async def start_server(settings: Settings, store: Store | None = None, port: int
     """
     context = open_services(settings, store)
     services = await context.__aenter__()
+    await services.deliveries.start()
     app = make_app(services, ROUTES + METRICS_ROUTES, DEFAULT_HANDLER)
     http = tornado.httpserver.HTTPServer(app, **server_options(services))
     if port:
@@ -292,3 +294,32 @@ def api(server: Server) -> Callable[..., Any]:
         return Response(response.code, response.body or b"", response.headers)
 
     return call
+
+
+class OwnService:
+    """A server program of a test's own (a Redis, a Mosquitto) on a free loopback port, to stop and start again
+    on the same port without disturbing anyone else. Subclasses give `command()` and `answers()`."""
+
+    def __init__(self) -> None:
+        sock, self.port = tornado.testing.bind_unused_port()
+        sock.close()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    async def answers(self) -> bool:
+        raise NotImplementedError
+
+    async def start(self, timeout: float = 5.0) -> None:
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await self.answers():
+            assert asyncio.get_running_loop().time() < deadline, f"{self.command()[0]} did not answer"
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(5)
+            self.process = None

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,11 +16,10 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 import tornado.httpclient
-import tornado.testing
 import tornado.websocket
 
-from conftest import JPEG, Client, Server, alert_message, frame_message, mongomock_store, replace_settings, \
-    require_services, start_server
+from conftest import (JPEG, Client, OwnService, Server, alert_message, frame_message, mongomock_store,
+                      replace_settings, require_services, start_server)
 from test_client import _collect, _stream_frames
 from watchout.client import Backoff, Detection, MLService, Producer, Watcher
 from watchout.frames import encode_binary_frame
@@ -455,28 +453,18 @@ async def test_a_node_dies_and_its_clients_resume_on_the_other_with_every_alert_
         await balancer.close()
 
 
-class OwnRedis:
+class OwnRedis(OwnService):
     """A redis-server of this test's own, to stop and start again without disturbing anyone else."""
-
-    def __init__(self) -> None:
-        sock, self.port = tornado.testing.bind_unused_port()
-        sock.close()
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    async def start(self) -> None:
-        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        await eventually(lambda: redis_answers(self.url), what="redis-server to answer")
+    def command(self) -> list[str]:
+        return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(5)
-            self.process = None
+    async def answers(self) -> bool:
+        return await redis_answers(self.url)
 
 
 @pytest.fixture

@@ -623,3 +623,38 @@ async def test_narrow_phone_window_has_no_horizontal_overflow_and_usable_panels(
         tab.assert_clean()
     finally:
         await tab.context.close()
+
+
+# ----------------------------------------------------------------------------- notification receipts
+
+async def test_an_alert_shows_who_it_was_sent_to(site: Site, browser: Any, token: MakeToken) -> None:
+    """The alert's Deliveries button lists its notifications: here a webhook out of reach (no internet on
+    this machine), pending with its error after its first attempt."""
+    from playwright.async_api import expect
+
+    alice = token("alice")
+    await create_stream(site, alice, "gate")
+    hook = await rest(site, "POST", "/api/webhooks", alice, {"url": "https://example.com/watchout"})
+    [seq] = await raise_alerts(site.ws_url, token("detector", role="service", streams=["gate"]), "gate", 1,
+                               prefix="receipt")
+    tab = await open_dashboard(browser, site, alice, "gate")
+    page = tab.page
+    try:
+        item = page.locator(f"#alerts li[data-seq='{seq}']")
+        await expect(item).to_be_visible()
+        for _ in range(150):  # until the first attempt is recorded (it takes up to webhook_timeout_s, 5 s)
+            alert_id = await item.get_attribute("data-alert-id")
+            receipts = await rest(site, "GET", f"/api/alerts/{alert_id}/deliveries", alice)
+            if receipts["items"] and receipts["items"][0]["attempts"]:
+                break
+            await asyncio.sleep(0.1)
+        await item.locator("button.show-receipts").click()
+        receipt = item.locator(f".receipts li[data-destination='{hook['id']}']")
+        await expect(receipt).to_have_attribute("data-state", "pending")
+        await expect(receipt).to_contain_text("webhook: pending, 1 attempt")
+        await item.locator("button.show-receipts").click()
+        await expect(item.locator(".receipts")).to_be_hidden()
+        tab.assert_clean()
+    finally:
+        await tab.context.close()
+        await rest(site, "DELETE", f"/api/webhooks/{hook['id']}", alice)

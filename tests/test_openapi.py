@@ -10,6 +10,7 @@ import asyncio
 import base64
 import inspect
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -237,6 +238,15 @@ class FailingStore(SQLiteStore):
     async def get_alert(self, alert_id: str) -> dict[str, Any] | None:
         raise StoreUnavailable("could not read alert")
 
+    async def list_destinations(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        raise StoreUnavailable("could not list destinations")
+
+    async def get_destination(self, destination_id: str) -> dict[str, Any] | None:
+        raise StoreUnavailable("could not read destination")
+
+    async def get_value(self, key: str) -> str | None:
+        raise StoreUnavailable("could not read a kept value")
+
 
 async def stream_with_alerts(ws_connect: Connect, token: MakeToken) -> tuple[Client, Client, list[dict[str, Any]]]:
     """A phone streaming STREAM (registered by alice) and an ML service that sent three alerts, the last with a
@@ -346,6 +356,77 @@ async def exercise_alerts(api: Conformance, server: Server, token: MakeToken, ac
     await call(server, "GET", snapshot, 401)
 
 
+async def exercise_notifications(api: Conformance, server: Server, token: MakeToken,
+                                 acks: list[dict[str, Any]]) -> None:
+    alice, bob, admin, call = token("alice"), token("bob"), token("root", role="admin"), api.call
+    service = token("detector", role="service", streams=[STREAM])
+    made = await call(server, "POST", "/api/webhooks", 201, token=alice,
+                      body={"url": "https://example.com/hook", "streams": [STREAM], "minSeverity": "high",
+                            "cooldownS": 30})
+    assert made["secret"].startswith("whsec_") and made["allStreams"] is False
+    hook = f"/api/webhooks/{made['id']}"
+    assert "secret" not in await call(server, "GET", hook, 200, token=alice)
+    assert (await call(server, "GET", "/api/webhooks", 200, token=alice))["items"][0]["id"] == made["id"]
+    assert (await call(server, "GET", "/api/webhooks?owner=alice", 200, token=admin))["items"]
+    await call(server, "GET", "/api/webhooks?owner=bob", 403, token=alice)
+    await call(server, "GET", "/api/webhooks?limit=x", 400, token=alice)
+    await call(server, "GET", "/api/webhooks", 403, token=service)
+    await call(server, "GET", "/api/webhooks", 401)
+    for bad in ({"url": "http://127.0.0.1:9/x"}, {"url": "ftp://example.com"}, {}, {"url": "https://e.com", "x": 1},
+                {"url": "https://e.com", "minSeverity": "urgent"}, {"url": "https://e.com", "streams": []},
+                {"url": "https://e.com", "cooldownS": -1}, {"url": "https://e.com", "escalateAfterS": 5}):
+        await call(server, "POST", "/api/webhooks", 400, token=alice, body=bad)
+    await call(server, "POST", "/api/webhooks", 403, token=service, body={"url": "https://example.com/h"})
+    await call(server, "POST", "/api/webhooks", 401, body={"url": "https://example.com/h"})
+    await call(server, "POST", "/api/webhooks", 413, token=alice, body={"url": "x" * 70_000})
+    await call(server, "POST", "/api/webhooks", 415, token=alice, body=b"{}", content_type="text/plain")
+    for method, suffix in (("GET", ""), ("POST", "/test"), ("POST", "/rotate-secret"), ("DELETE", "")):
+        await call(server, method, hook + suffix, 404, token=bob)
+        await call(server, method, hook + suffix, 403, token=service)
+        await call(server, method, hook + suffix, 401)
+    tested = await call(server, "POST", hook + "/test", 200, token=alice)
+    assert tested["ok"] is False and tested["error"]  # example.com is out of reach here
+    rotated = await call(server, "POST", hook + "/rotate-secret", 200, token=admin)
+    assert rotated["secret"] != made["secret"] and rotated["previousSecretValidUntil"]
+    receipts = await call(server, "GET", f"/api/alerts/{acks[1]['alertId']}/deliveries", 200, token=alice)
+    assert receipts["nextCursor"] is None
+    await call(server, "GET", f"/api/alerts/{acks[1]['alertId']}/deliveries", 404, token=bob)
+    await call(server, "GET", f"/api/alerts/{acks[1]['alertId']}/deliveries", 401)
+    await call(server, "DELETE", hook, 204, token=alice)
+    await call(server, "DELETE", hook, 404, token=alice)
+
+    key = await call(server, "GET", "/api/push/public-key", 200, token=alice)
+    assert len(base64.urlsafe_b64decode(key["publicKey"] + "==")) == 65
+    await call(server, "GET", "/api/push/public-key", 403, token=service)
+    await call(server, "GET", "/api/push/public-key", 401)
+    subscription = push_subscription()
+    pushed = await call(server, "POST", "/api/push/subscriptions", 201, token=alice, body=subscription)
+    assert pushed["endpoint"] == subscription["endpoint"] and pushed["ownerId"] == "alice"
+    for bad in ({**subscription, "endpoint": "http://127.0.0.1/push"}, {"endpoint": subscription["endpoint"]}, [1]):
+        await call(server, "POST", "/api/push/subscriptions", 400, token=alice, body=bad)
+    await call(server, "POST", "/api/push/subscriptions", 403, token=service, body=subscription)
+    await call(server, "POST", "/api/push/subscriptions", 401, body=subscription)
+    await call(server, "POST", "/api/push/subscriptions", 413, token=alice, body={"endpoint": "x" * 70_000})
+    await call(server, "POST", "/api/push/subscriptions", 415, token=alice, body=b"{}", content_type="text/plain")
+    gone = {"endpoint": subscription["endpoint"]}
+    await call(server, "DELETE", "/api/push/subscriptions", 404, token=bob, body=gone)
+    await call(server, "DELETE", "/api/push/subscriptions", 400, token=alice, body={"url": "x"})
+    await call(server, "DELETE", "/api/push/subscriptions", 403, token=service, body=gone)
+    await call(server, "DELETE", "/api/push/subscriptions", 401, body=gone)
+    await call(server, "DELETE", "/api/push/subscriptions", 204, token=alice, body=gone)
+
+
+def push_subscription() -> dict[str, Any]:
+    """A browser's PushSubscription JSON, with a real P-256 key, on a public push service's address."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    point = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    b64 = lambda raw: base64.urlsafe_b64encode(raw).decode().rstrip("=")  # noqa: E731
+    return {"endpoint": "https://push.example.com/send/abc", "expirationTime": None,
+            "keys": {"p256dh": b64(point), "auth": b64(os.urandom(16))}}
+
+
 async def exercise_status_and_methods(api: Conformance, server: Server, token: MakeToken) -> None:
     call = api.call
     spec = await call(server, "GET", "/api/openapi.json", 200)
@@ -363,6 +444,7 @@ async def exercise_status_and_methods(api: Conformance, server: Server, token: M
     assert openmetrics.endswith(b"# EOF\n")
     for path in DOCUMENT["paths"]:
         concrete = path.replace("{streamId}", STREAM).replace("{alertId}", "0123456789abcdef01234567")
+        concrete = concrete.replace("{destinationId}", "0123456789abcdef01234567")
         await call(server, UNLISTED_METHOD, concrete, 405, token=token("alice"), body={})
     await call(server, "PATCH", f"/api/streams/{STREAM}", 405, token=token("alice"), body={})
     await call(server, "GET", "/api/nothing-here", 404, token=token("alice"))
@@ -394,6 +476,14 @@ async def exercise_store_failure(api: Conformance, settings: Settings, token: Ma
             assert error["error"]["code"] == "store-unavailable"
         await api.call(server, "DELETE", f"/api/streams/{STREAM}", 503, token=alice)
         await api.call(server, "POST", f"/api/alerts/{alert}/ack", 503, token=alice)
+        await api.call(server, "GET", f"/api/alerts/{alert}/deliveries", 503, token=alice)
+        await api.call(server, "POST", "/api/webhooks", 503, token=alice, body={"url": "https://example.com/h"})
+        await api.call(server, "GET", "/api/webhooks", 503, token=alice)
+        for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/test"), ("POST", "/rotate-secret")):
+            await api.call(server, method, f"/api/webhooks/{alert}{suffix}", 503, token=alice)
+        await api.call(server, "GET", "/api/push/public-key", 503, token=alice)
+        await api.call(server, "POST", "/api/push/subscriptions", 503, token=alice, body=push_subscription())
+        await api.call(server, "DELETE", "/api/push/subscriptions", 503, token=alice, body={"endpoint": "x"})
     finally:
         await close()
 
@@ -405,6 +495,7 @@ async def test_every_documented_response_occurs_and_matches_its_schema(
     phone, _, acks = await stream_with_alerts(ws_connect, token)
     await exercise_stream_reads(api, server, token)
     await exercise_alerts(api, server, token, acks)
+    await exercise_notifications(api, server, token, acks)
     await exercise_status_and_methods(api, server, token)
     await exercise_deletion(api, server, token, phone)
     await exercise_store_failure(api, settings, token)
@@ -447,7 +538,9 @@ async def test_schemathesis_finds_no_server_error_or_undocumented_response(
     await Conformance().call(server, "POST", "/api/streams", 201, token=token("alice"),
                              body={"name": "Porch", "streamId": STREAM})
     _, _, acks = await stream_with_alerts(ws_connect, token)
-    known = {"streamId": STREAM, "alertId": acks[-1]["alertId"]}
+    hook = await Conformance().call(server, "POST", "/api/webhooks", 201, token=token("alice"),
+                                    body={"url": "https://example.com/hook"})
+    known = {"streamId": STREAM, "alertId": acks[-1]["alertId"], "destinationId": hook["id"]}
     # schemathesis' HTTP client blocks: it runs in a thread while this loop serves the app
     failures = await asyncio.to_thread(fuzz, server.url(""), token("alice"), known)
     assert not failures, f"{len(failures)} failing requests; the first ones:\n\n" + "\n\n".join(failures[:5])

@@ -312,3 +312,135 @@ async def test_retention_removes_old_alerts_raises_pruned_seq_and_prunes_streams
     assert [s["streamId"] for s in await store.prunable_streams(future, None)] == ["never", "s1", "s2"]
     assert await store.delete_stream_if_prunable("never", future, None) is True
     assert await store.delete_stream_if_prunable("never", future, None) is False
+
+
+# -------------------------------------------------------------------- notifications
+def _destination(owner="alice", channel="webhook", **extra):
+    import datetime as dt
+    now = utcnow()
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # both stores keep milliseconds
+    return {"destinationId": new_alert_id(), "ownerId": owner, "channel": channel, "createdAt": now,
+            "streams": None, "minSeverity": "low", "cooldownS": 0,
+            "config": {"url": "http://127.0.0.1:1/hook", "secrets": ["whsec_x"],
+                       "rotatedAt": dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)}, **extra}
+
+
+def _delivery(alert, destination, purpose="notify", next_at=None):
+    now = utcnow()
+    return {"deliveryId": new_alert_id(), "alertId": alert["alertId"], "streamId": alert["streamId"],
+            "destinationId": destination["destinationId"], "channel": destination["channel"], "purpose": purpose,
+            "state": "pending", "attempts": 0, "nextAt": next_at or now, "createdAt": now}
+
+
+async def test_destinations_round_trip_list_by_owner_update_and_delete(store):
+    import datetime as dt
+    first, second, other = _destination(), _destination(channel="webpush"), _destination(owner="bob")
+    for doc in (first, second, other):
+        await store.create_destination(doc)
+    got = await store.get_destination(first["destinationId"])
+    assert got == first and got["config"]["rotatedAt"] == dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    listed = [d["destinationId"] for d in await store.list_destinations("alice")]
+    assert listed == [first["destinationId"], second["destinationId"]]
+    assert [d["destinationId"] for d in await store.list_destinations(None, "webhook")] == [
+        first["destinationId"], other["destinationId"]]
+    updated = await store.update_destination(first["destinationId"], {"config": {"url": "http://h/2"}})
+    assert updated["config"] == {"url": "http://h/2"} and updated["ownerId"] == "alice"
+    assert (await store.get_destination(first["destinationId"]))["config"] == {"url": "http://h/2"}
+    assert await store.update_destination("nope", {"x": 1}) is None
+    assert await store.delete_destination(first["destinationId"]) is True
+    assert await store.delete_destination(first["destinationId"]) is False
+    assert await store.get_destination(first["destinationId"]) is None
+
+
+async def test_every_stored_alert_is_fanned_out_once_with_its_deliveries(store):
+    docs = await _stored_alerts(store, count=3)
+    assert "fanout" not in docs[0]
+    pending = await store.alerts_to_fan_out(10)
+    assert [a["alertId"] for a in pending] == [d["alertId"] for d in docs]  # oldest first
+    assert "fanout" not in pending[0] and pending[0]["severity"] == docs[0]["severity"]
+    destination = _destination()
+    await store.create_destination(destination)
+    made = [_delivery(a, destination) for a in pending[:2]]
+    await store.add_deliveries(made, [a["alertId"] for a in pending[:2]])
+    assert [a["alertId"] for a in await store.alerts_to_fan_out(10)] == [docs[2]["alertId"]]
+    again = [_delivery(a, destination) for a in pending[:2]]  # a repeat (another node, a retry) adds nothing
+    await store.add_deliveries(again, [])
+    receipts = await store.deliveries_of_alert(docs[0]["alertId"])
+    assert [r["deliveryId"] for r in receipts] == [made[0]["deliveryId"]]
+    assert receipts[0]["state"] == "pending" and receipts[0]["attempts"] == 0
+    assert (await store.delivery_backlog())[0] == 2
+
+
+async def test_a_delivery_is_claimed_by_one_owner_at_a_time_and_finished_only_by_it(store):
+    import datetime as dt
+    (alert,) = await _stored_alerts(store, count=1)
+    destination = _destination()
+    await store.create_destination(destination)
+    now = utcnow()
+    due = _delivery(alert, destination)
+    later = _delivery(alert, destination, "escalate", now + dt.timedelta(minutes=5))
+    await store.add_deliveries([due, later], [alert["alertId"]])
+    claimed = await store.claim_deliveries("node-a", now + dt.timedelta(seconds=1), 30, 10)
+    assert [c["deliveryId"] for c in claimed] == [due["deliveryId"]]  # the escalation is not due yet
+    assert claimed[0]["alert"]["alertId"] == alert["alertId"]
+    assert await store.claim_deliveries("node-b", now + dt.timedelta(seconds=2), 30, 10) == []  # leased
+    taken_over = await store.claim_deliveries("node-b", now + dt.timedelta(seconds=40), 30, 10)
+    assert [c["deliveryId"] for c in taken_over] == [due["deliveryId"]]  # node-a's lease ran out
+    assert await store.finish_attempt(due["deliveryId"], "node-a", {"attempts": 1}) is False
+    delivered_at = now + dt.timedelta(seconds=41)
+    assert await store.finish_attempt(due["deliveryId"], "node-b", {
+        "state": "delivered", "attempts": 1, "deliveredAt": delivered_at, "lastStatus": 204}) is True
+    (receipt, _) = await store.deliveries_of_alert(alert["alertId"])
+    assert (receipt["state"], receipt["attempts"], receipt["lastStatus"]) == ("delivered", 1, 204)
+    assert abs((receipt["deliveredAt"] - delivered_at).total_seconds()) < 0.002
+    last = await store.last_delivered(destination["destinationId"], "s1")
+    assert last is not None and abs((last - delivered_at).total_seconds()) < 0.002
+    assert await store.last_delivered(destination["destinationId"], "s2") is None
+    count, oldest = await store.delivery_backlog()
+    assert count == 1 and oldest is not None
+    assert await store.claim_deliveries("node-a", now + dt.timedelta(minutes=6), 30, 10) != []  # the escalation
+
+
+async def test_deleting_a_destination_cancels_its_pending_deliveries_and_keeps_the_receipts(store):
+    (alert,) = await _stored_alerts(store, count=1)
+    destination = _destination()
+    await store.create_destination(destination)
+    await store.add_deliveries([_delivery(alert, destination)], [alert["alertId"]])
+    await store.delete_destination(destination["destinationId"])
+    (receipt,) = await store.deliveries_of_alert(alert["alertId"])
+    assert receipt["state"] == "cancelled" and receipt["lastError"] == "destination deleted"
+    assert await store.claim_deliveries("n", utcnow(), 30, 10) == []
+    assert await store.delivery_backlog() == (0, None)
+
+
+async def test_deliveries_go_with_their_alerts(store):
+    import datetime as dt
+    docs = await _stored_alerts(store, count=2)
+    await _stored_alerts(store, "s2", 1)
+    destination = _destination()
+    await store.create_destination(destination)
+    pending = await store.alerts_to_fan_out(10)
+    await store.add_deliveries([_delivery(a, destination) for a in pending], [a["alertId"] for a in pending])
+    await store.delete_stream("s2")
+    assert (await store.delivery_backlog())[0] == 2
+    await store.remove_alerts_before(utcnow() + dt.timedelta(seconds=1), {"s1": 2})
+    assert await store.deliveries_of_alert(docs[0]["alertId"]) == []
+    assert await store.delivery_backlog() == (0, None)
+
+
+async def test_a_restarted_embedded_service_frees_the_leases_of_its_earlier_run(store):
+    (alert,) = await _stored_alerts(store, count=1)
+    destination = _destination()
+    await store.create_destination(destination)
+    await store.add_deliveries([_delivery(alert, destination)], [alert["alertId"]])
+    assert len(await store.claim_deliveries("old-run", utcnow(), 60, 10)) == 1
+    assert await store.claim_deliveries("new-run", utcnow(), 60, 10) == []
+    assert await store.release_delivery_leases() == 1
+    assert len(await store.claim_deliveries("new-run", utcnow(), 60, 10)) == 1
+
+
+async def test_a_kept_value_is_the_first_one_put(store):
+    assert await store.get_value("vapid-keys") is None
+    assert await store.put_value_if_absent("vapid-keys", "first") == "first"
+    assert await store.put_value_if_absent("vapid-keys", "second") == "first"
+    assert await store.get_value("vapid-keys") == "first"

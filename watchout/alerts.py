@@ -50,6 +50,7 @@ class AlertIntake:
 
     def __init__(self, store: Store, hub: Hub, sequencer: Sequencer, broker: Broker,
                  on_latency: Callable[[float], None] | None = None) -> None:
+        self.on_stored: Callable[[], None] | None = None  # alerts were stored (the notification engine wakes)
         self._store = store
         self._hub = hub
         self.sequencer = sequencer
@@ -153,6 +154,8 @@ class AlertIntake:
             self._acknowledge(p)
             items.append((doc["seq"], encode(alert_message(doc))))
             fanned_out.append(p)
+        if items and self.on_stored is not None:
+            self.on_stored()
         self._broker.alerts(sid, prev, items)
         live = self._hub.streams.get(sid)  # the watchers' state, also when they came during the write
         if live is not None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from watchout.auth import Principal
@@ -167,6 +167,7 @@ class Hub:
         self.frames_in = 0
         self.bytes_in = 0
         self.untallied: dict[str, Tally] = {}  # figures of producers and streams gone since the last tally
+        self.on_status: Callable[[str, StreamStatus], None] | None = None  # a status decided here (notifications)
 
     # ------------------------------------------------------------------ membership
     def add_peer(self, peer: Peer) -> None:
@@ -373,7 +374,9 @@ class Hub:
             peer.outbox.send(outgoing)
 
     def publish_status(self, state: StreamState, status: StreamStatus, *, skip: Peer | None = None) -> None:
-        """Tell the stream's participants here and on other nodes its new status."""
+        """Tell the stream's participants here and on other nodes its new status (and `on_status`)."""
+        if self.on_status is not None:
+            self.on_status(state.stream_id, status)
         payload = status_now(state.stream_id, status)
         self.broker.status(state.stream_id, payload)
         self.deliver_status(state, status, payload, skip=skip)
@@ -382,6 +385,8 @@ class Hub:
         """A stream's status decided without its producer (a job found it gone): every node's watchers hear it."""
         state = self.streams.get(stream_id)
         if state is None:
+            if self.on_status is not None:
+                self.on_status(stream_id, status)
             self.broker.status(stream_id, status_now(stream_id, status))
         elif state.producer is None:
             self.publish_status(state, status)

@@ -53,6 +53,14 @@ class Metrics:
                                   f"How late the event loop ran a timer due every {INTERVAL_S:g} s: how long something "
                                   f"(a slow query, a report) held the loop; a stall of d s shows as d - {INTERVAL_S:g} "
                                   "to d", buckets=LOOP_LAG_BUCKETS, registry=self.registry)
+        self.deliveries = Counter("watchout_deliveries", "Notification delivery outcomes by channel and result "
+                                  "(delivered, retry, failed: given up, gone: the destination is no more, test-ok, "
+                                  "test-failed)", ["channel", "result"], registry=self.registry)
+        self.deliveries_pending = Gauge("watchout_deliveries_pending", "Notification deliveries not yet delivered "
+                                        "nor given up (all nodes; read every 5 s)", registry=self.registry)
+        self.deliveries_oldest_pending = Gauge("watchout_deliveries_oldest_pending_seconds",
+                                               "Age of the oldest pending notification delivery (0: none)",
+                                               registry=self.registry)
         self.loop_lag_max = Gauge("watchout_event_loop_lag_max_seconds",
                                   "The largest watchout_event_loop_lag_seconds of the last 60 to 120 s "
                                   "(a scrape resets nothing)", registry=self.registry)

@@ -66,3 +66,47 @@ def cluster_figures(node_id: str, local: dict[str, Any], others: list[dict[str, 
     total["nodeCount"] = len(nodes)
     total["nodes"] = nodes
     return total
+
+
+def notification(kind: str, doc: dict[str, Any], base_url: str, now: dt.datetime,
+                 summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a webhook receives (the Standard Webhooks payload shape: type, timestamp, data) and what MQTT and
+    Web Push carry: `data` is the alert resource with an absolute snapshotUrl, and with `summary` when a
+    cooldown held back earlier alerts of the stream (count, firstSeq, lastSeq, highest severity)."""
+    data = alert_resource(doc)
+    if data["snapshotUrl"] is not None:
+        data["snapshotUrl"] = base_url + data["snapshotUrl"]
+    if summary is not None:
+        data["summary"] = summary
+    return {"type": kind, "timestamp": _iso(now), "data": data}
+
+
+def test_notification(destination_id: str, now: dt.datetime) -> dict[str, Any]:
+    """What "send a test notification" sends (type `test`)."""
+    return {"type": "test", "timestamp": _iso(now),
+            "data": {"message": "A test notification from Watchout", "destinationId": destination_id}}
+
+
+def delivery_receipt(doc: dict[str, Any]) -> dict[str, Any]:
+    """One delivery of an alert, in GET /api/alerts/{id}/deliveries."""
+    return {"deliveryId": doc["deliveryId"], "destinationId": doc["destinationId"], "channel": doc["channel"],
+            "purpose": doc["purpose"], "state": doc["state"], "attempts": doc["attempts"],
+            "createdAt": _iso(doc["createdAt"]), "deliveredAt": _iso(doc.get("deliveredAt")),
+            "nextAttemptAt": _iso(doc["nextAt"]) if doc["state"] == "pending" else None,
+            "lastError": doc.get("lastError"), "lastStatus": doc.get("lastStatus"),
+            "summarisedIn": doc.get("summarisedIn")}
+
+
+def destination_resource(doc: dict[str, Any]) -> dict[str, Any]:
+    """A destination in REST responses: its rules and public settings, never its secrets."""
+    config = doc.get("config", {})
+    resource = {"id": doc["destinationId"], "channel": doc["channel"], "ownerId": doc["ownerId"],
+                "allStreams": doc.get("allStreams", False), "streams": doc.get("streams"),
+                "minSeverity": doc.get("minSeverity", "low"), "cooldownS": doc.get("cooldownS", 0),
+                "escalate": doc.get("escalate", False), "escalateAfterS": doc.get("escalateAfterS"),
+                "createdAt": _iso(doc["createdAt"])}
+    if "url" in config:
+        resource["url"] = config["url"]
+    if "endpoint" in config:
+        resource["endpoint"] = config["endpoint"]
+    return resource

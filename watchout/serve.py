@@ -222,9 +222,10 @@ async def serve(settings: Settings, admin_token: str | None = None, notifier: No
             status = f"listening on {settings.host}:{port}"
             if load is not None:
                 loop.add_signal_handler(signal.SIGHUP, _reload, services, load, notifier, status)
-            # 5. start the jobs
+            # 5. start the jobs and the notifications
             jobs = make_jobs(services)
             jobs.start()
+            await services.deliveries.start()
             # 6. ready
             notifier.ready(status)
             keep_alive = asyncio.create_task(notifier.keep_alive())

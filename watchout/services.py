@@ -11,6 +11,7 @@ from watchout.alerts import AlertIntake
 from watchout.auth import TokenVerifier
 from watchout.broker import Broker, MemoryBroker
 from watchout.cluster import ClusterSink
+from watchout.deliveries import Deliveries
 from watchout.hub import Hub
 from watchout.jobboard import JobBoard
 from watchout.metrics import Metrics
@@ -32,6 +33,7 @@ class Services:
     commands: Commands
     limits: Limits
     metrics: Metrics
+    deliveries: Deliveries  # started by watchout.serve (not by the admin commands)
     started_at: float = field(default_factory=time.time)
     jobs: JobBoard = field(default_factory=JobBoard)  # the scheduled jobs' state, when a scheduler runs
 
@@ -67,7 +69,10 @@ def build_services(settings: Settings, store: Store) -> Services:
     limits = Limits(settings.max_control_message_bytes, settings.max_metadata_bytes, settings.max_snapshot_bytes)
     metrics.watch(hub, intake)
     store.observer = metrics.observe_store
-    return Services(settings, store, hub, verifier, commands, limits, metrics)
+    deliveries = Deliveries(store, settings, metrics, settings.node_name)
+    intake.on_stored = deliveries.wake
+    hub.on_status = deliveries.stream_status
+    return Services(settings, store, hub, verifier, commands, limits, metrics, deliveries)
 
 
 def make_broker(settings: Settings) -> Broker:
@@ -95,6 +100,7 @@ async def open_services(settings: Settings, store: Store | None = None) -> Async
     try:
         yield services
     finally:
+        await services.deliveries.close()
         loop_lag.stop()
         await services.commands.drain()
         await services.broker.close()

@@ -92,6 +92,19 @@ class Settings:
     report_schedule: str = "00:00"
     job_lease_s: float = 60.0
     node_id: str = ""
+    # [notifications]
+    public_url: str = ""
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = 5.0
+    delivery_retry_base_s: float = 2.0
+    delivery_retry_cap_s: float = 600.0
+    delivery_max_age_s: float = 86400.0
+    delivery_concurrency: int = 32
+    escalate_after_s: float = 300.0
+    mqtt_url: str = field(default="", repr=False)
+    mqtt_prefix: str = "watchout"
+    mqtt_discovery_prefix: str = "homeassistant"
+    push_subject: str = ""
 
     @property
     def is_embedded_store(self) -> bool:
@@ -104,6 +117,15 @@ class Settings:
         if self.data_dir == IN_MEMORY:
             return IN_MEMORY
         return str(Path(self.data_dir) / DATABASE_FILE)
+
+    @property
+    def base_url(self) -> str:
+        """Where receivers of notifications reach this service (links to snapshots): public_url, or this
+        server's own address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def node_name(self) -> str:
@@ -274,6 +296,26 @@ def validate(s: Settings) -> None:
     if s.broker_heartbeat_s <= 0:
         raise ConfigError("broker_heartbeat_s", "must be greater than 0")
     _validate_jobs(s)
+    _validate_notifications(s)
+
+
+def _validate_notifications(s: Settings) -> None:
+    for key in ("webhook_timeout_s", "delivery_retry_base_s", "delivery_retry_cap_s", "delivery_max_age_s",
+                "delivery_concurrency", "escalate_after_s"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(key, "must be greater than 0")
+    if s.public_url and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", s.public_url):
+        raise ConfigError("public_url", "must be an http:// or https:// URL without query or fragment, "
+                          "e.g. https://watchout.example.com")
+    if s.mqtt_url and not s.mqtt_url.startswith(("mqtt://", "mqtts://")):
+        raise ConfigError("mqtt_url", "must start with mqtt:// or mqtts://")
+    if s.push_subject and not re.fullmatch(r"mailto:[^@\s]+@[^@\s]+|https://[^/\s]+(/\S*)?", s.push_subject):
+        raise ConfigError("push_subject", "must be a mailto: address or an https:// URL (the contact push "
+                          "services see)")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*", s.mqtt_prefix):
+        raise ConfigError("mqtt_prefix", "must be topic levels of A-Z a-z 0-9 _ - separated by /")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*", s.mqtt_discovery_prefix):
+        raise ConfigError("mqtt_discovery_prefix", "must be topic levels of A-Z a-z 0-9 _ - separated by /")
 
 
 def _validate_jobs(s: Settings) -> None:

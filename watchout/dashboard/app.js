@@ -1,5 +1,6 @@
 // app.js: the Watchout dashboard page. Streams (polled), a live view (binary frames onto a canvas) and the
-// alert panel (REST history, then live from sinceSeq) over one WatchoutClient (./watchout-client.js).
+// alert panel (REST history, then live from sinceSeq) over one WatchoutClient (./watchout-client.js), and the
+// Notifications toggle (Web Push through the service worker ./sw.js).
 // Everything that came from a server or an ML service is shown with textContent, never as markup.
 
 import {WatchoutClient} from "./watchout-client.js";
@@ -12,6 +13,7 @@ const STREAMS_POLL_MS = 5000;
 const HISTORY_PAGE = 50;
 const MAX_ALERTS = 500;                // shown at most; the oldest go first (and free their snapshots)
 const SNAPSHOT_FETCHES = 4;            // snapshots fetched at a time
+const PUSH_FORGET_MS = 3000;           // at sign-out, how long the server is given to forget this browser
 
 const $ = (id) => document.getElementById(id);
 
@@ -37,6 +39,7 @@ const page = {
   alertIds: new Map(),    // alertId -> seq
   snapshotQueue: [],
   snapshotsLoading: 0,
+  focusAlert: null,       // an alertId to bring into view once shown (a notification's link)
 };
 
 // ---------------------------------------------------------------------------- the token
@@ -47,6 +50,7 @@ function takeTokenFromFragment() {
   const params = new URLSearchParams(location.hash.slice(1));
   if (params.get("token")) sessionStorage.setItem(TOKEN_KEY, params.get("token").trim());
   if (params.get("stream")) sessionStorage.setItem(STREAM_KEY, params.get("stream").trim());
+  if (params.get("alert")) page.focusAlert = params.get("alert");
   history.replaceState(null, "", location.pathname + location.search);
 }
 
@@ -83,7 +87,9 @@ async function signIn() {
   if (!page.signedIn) return;
   $("main").hidden = false;
   $("sign-out").hidden = false;
+  $("notifications").hidden = false;
   connect();
+  showPushState();
   await pollStreams();
 }
 
@@ -97,6 +103,8 @@ function signOut(message = "") {
   selectStream(null);
   page.streams.clear();
   $("streams").replaceChildren();
+  $("notifications").hidden = true;
+  setPushMessage("");
   hideBanner();
   showSignIn(message);
 }
@@ -442,6 +450,20 @@ function addAlert(raw) {
   while (page.alerts.size > MAX_ALERTS) removeAlert(Number(list.lastElementChild.dataset.seq));
   if (alert.hasSnapshot) queueSnapshot(entry);
   setAlertsState();
+  if (alert.alertId === page.focusAlert) showFocusedAlert();
+}
+
+/** Scroll to and focus the alert a notification pointed at, once it is in the list. */
+function showFocusedAlert() {
+  const seq = page.alertIds.get(page.focusAlert);
+  const entry = seq === undefined ? null : page.alerts.get(seq);
+  if (!entry) return;
+  page.focusAlert = null;
+  for (const node of $("alerts").querySelectorAll("li[data-focused]")) delete node.dataset.focused;
+  entry.li.dataset.focused = "true";
+  entry.li.tabIndex = -1;
+  entry.li.scrollIntoView({block: "nearest"});
+  entry.li.focus({preventScroll: true});
 }
 
 function removeAlert(seq) {
@@ -489,7 +511,47 @@ function renderAlert(alert) {
     button.addEventListener("click", () => acknowledge(alert.alertId, button));
     ack.append(button);
   }
+  const receipts = el("ul", {className: "receipts", attrs: {hidden: ""}});
+  const show = el("button", {className: "show-receipts", text: "Deliveries", attrs: {type: "button"}});
+  show.addEventListener("click", () => showReceipts(alert.alertId, show, receipts));
+  li.querySelector(".alert-body").append(el("p", {className: "alert-receipts"}, [show]), receipts);
   return li;
+}
+
+/** The alert's notifications: per destination its channel, state, attempts and when it was delivered. */
+async function showReceipts(alertId, button, list) {
+  const client = page.client;
+  if (!client) return;
+  if (!list.hidden) {
+    list.hidden = true;
+    button.setAttribute("aria-expanded", "false");
+    return;
+  }
+  button.disabled = true;
+  try {
+    const {items} = await client.deliveries(alertId);
+    const rows = items.map((d) => {
+      const when = d.deliveredAt ? ` ${new Date(d.deliveredAt).toLocaleTimeString()}` : "";
+      const attempts = `${d.attempts} attempt${d.attempts === 1 ? "" : "s"}`;
+      const why = d.lastError && d.state !== "delivered" ? ` (${d.lastError})` : "";
+      const what = d.purpose === "escalate" ? `${d.channel}, escalation` : d.channel;
+      return el("li", {className: `receipt state-${d.state}`,
+                       text: `${what}: ${d.state}${when}, ${attempts}${why}`,
+                       attrs: {"data-state": d.state, "data-destination": d.destinationId}});
+    });
+    list.replaceChildren(...(rows.length ? rows : [el("li", {className: "receipt", text: "no notifications"})]));
+    list.hidden = false;
+    button.setAttribute("aria-expanded", "true");
+  } catch (err) {
+    if (err.isUnauthorized) {
+      signOut(`Your token was refused or has expired (${err.code || err.status}). Sign in again.`);
+      return;
+    }
+    list.replaceChildren(el("li", {className: "receipt", text: `could not read the deliveries: ${err.message}`}));
+    list.hidden = false;
+  } finally {
+    button.disabled = false;
+  }
 }
 
 async function acknowledge(alertId, button) {
@@ -609,6 +671,177 @@ function drawBox(img, box, rect) {
   box.hidden = false;
 }
 
+// ---------------------------------------------------------------------------- notifications (Web Push)
+// The subscription belongs to this browser (every tab of this origin), not to the tab: the toggle shows whether
+// this browser has one. On: GET /api/push/public-key -> {publicKey} (the server's VAPID key, base64url), the
+// browser subscribes with it, then POST /api/push/subscriptions with subscription.toJSON(). Off: the browser
+// unsubscribes, then DELETE /api/push/subscriptions with {endpoint}. sw.js shows the pushed alerts.
+
+const push = {ready: registerWorker(), busy: false};
+
+function pushSupported() {
+  return "serviceWorker" in navigator && "PushManager" in window && "Notification" in window;
+}
+
+/** The service worker's registration once active; null where there is none (no support, or not https). */
+async function registerWorker() {
+  if (!("serviceWorker" in navigator)) return null;
+  navigator.serviceWorker.addEventListener("message", onWorkerMessage);
+  navigator.serviceWorker.startMessages();
+  try {
+    await navigator.serviceWorker.register("sw.js", {scope: "./"});
+    return await navigator.serviceWorker.ready;
+  } catch (err) {
+    console.info(`watchout: no service worker, so no notifications (${err.message})`);
+    return null;
+  }
+}
+
+/** A notification was clicked (sw.js): show its stream and alert in this tab. */
+function onWorkerMessage(event) {
+  if (event.data?.type !== "watchout-open" || typeof event.data.url !== "string") return;
+  const params = new URLSearchParams(new URL(event.data.url, location.href).hash.slice(1));
+  const streamId = params.get("stream");
+  page.focusAlert = params.get("alert");
+  if (!page.signedIn || !streamId) return;
+  if (streamId !== page.selected) selectStream(streamId);
+  else showFocusedAlert();
+}
+
+function base64UrlToBytes(text) {
+  const base64 = text.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((text.length + 3) % 4);
+  return Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+}
+
+function sameBytes(buffer, bytes) {
+  if (!buffer) return false;
+  const other = new Uint8Array(buffer);
+  return other.length === bytes.length && other.every((value, i) => value === bytes[i]);
+}
+
+async function browserSubscription() {
+  const registration = await push.ready;
+  return registration ? registration.pushManager.getSubscription() : null;
+}
+
+function setPushToggle(on) {
+  const button = $("notifications");
+  button.setAttribute("aria-pressed", String(on));
+  button.dataset.state = on ? "on" : "off";
+  button.textContent = on ? "Notifications: on" : "Notifications: off";
+}
+
+function setPushMessage(text) {
+  $("notifications-message").textContent = text;
+  $("notifications-message").hidden = !text;
+}
+
+/** At sign-in: whether this browser has a subscription; if so it is sent again, so the server holds it for the
+ *  user now signed in (a browser shared by several users notifies the last one who signed in). */
+async function showPushState() {
+  let subscription = null;
+  if (pushSupported() && Notification.permission === "granted") {
+    try {
+      subscription = await browserSubscription();
+    } catch (err) {
+      console.info(`watchout: cannot read the push subscription (${err.message})`);
+    }
+  }
+  setPushToggle(Boolean(subscription));
+  const client = page.client;
+  if (!subscription || !client) return;
+  try {
+    await client.api("/api/push/subscriptions", {method: "POST", body: subscription.toJSON()});
+  } catch (err) {
+    console.info(`watchout: the push subscription was not renewed (${err.message})`);
+  }
+}
+
+async function togglePush() {
+  const button = $("notifications");
+  if (push.busy || !page.client) return;
+  push.busy = true;
+  button.disabled = true;
+  setPushMessage("");
+  try {
+    if (button.getAttribute("aria-pressed") === "true") await disablePush(page.client);
+    else await enablePush(page.client);
+  } catch (err) {
+    if (err.isUnauthorized) {
+      signOut(`Your token was refused or has expired (${err.code || err.status}). Sign in again.`);
+      return;
+    }
+    setPushMessage(err.message);
+  } finally {
+    push.busy = false;
+    button.disabled = false;
+  }
+}
+
+async function enablePush(client) {
+  if (!pushSupported()) {
+    throw new Error("This browser cannot show notifications from this page (it needs Web Push and an https:// address).");
+  }
+  const permission = await Notification.requestPermission();
+  if (permission !== "granted") {
+    throw new Error("Notifications are blocked for this site: allow them in the browser's site settings, then try again.");
+  }
+  const registration = await push.ready;
+  if (!registration) throw new Error("The dashboard's service worker did not start, so notifications cannot be shown.");
+  let publicKey;
+  try {
+    ({publicKey} = await client.api("/api/push/public-key"));
+  } catch (err) {
+    if (err.status === 404) throw new Error("This Watchout server does not send push notifications.");
+    throw new Error(`Cannot turn notifications on: ${err.message}`);
+  }
+  const key = base64UrlToBytes(publicKey);
+  let subscription = await registration.pushManager.getSubscription();
+  if (subscription && !sameBytes(subscription.options.applicationServerKey, key)) {
+    await subscription.unsubscribe();  // made for another server key: its pushes would be refused
+    subscription = null;
+  }
+  if (!subscription) {
+    try {
+      subscription = await registration.pushManager.subscribe({userVisibleOnly: true, applicationServerKey: key});
+    } catch (err) {
+      throw new Error(`This browser could not reach its push service (${err.name}: ${err.message}). ` +
+                      "Notifications stay off.");
+    }
+  }
+  try {
+    await client.api("/api/push/subscriptions", {method: "POST", body: subscription.toJSON()});
+  } catch (err) {
+    await subscription.unsubscribe().catch(() => {});  // unknown to the server: drop it, so the toggle tells true
+    if (err.isUnauthorized) throw err;
+    throw new Error(`Cannot turn notifications on: ${err.message}`);
+  }
+  setPushToggle(true);
+}
+
+async function disablePush(client) {
+  const subscription = await browserSubscription();
+  setPushToggle(false);
+  if (!subscription) return;
+  const {endpoint} = subscription;
+  await subscription.unsubscribe();
+  try {
+    await client.api("/api/push/subscriptions", {method: "DELETE", body: {endpoint}});
+  } catch (err) {
+    if (err.isUnauthorized) throw err;
+    // The push service refuses this endpoint from now on: the server drops it at its next alert.
+    setPushMessage(`Notifications are off in this browser; the server was not told (${err.message}).`);
+  }
+}
+
+/** At sign-out, this browser stops receiving the user's alerts: best effort, in at most PUSH_FORGET_MS. */
+async function forgetPush() {
+  const client = page.client;
+  if (!client || $("notifications").getAttribute("aria-pressed") !== "true") return;
+  const timeout = new Promise((resolve) => setTimeout(resolve, PUSH_FORGET_MS));
+  await Promise.race([disablePush(client).catch((err) => console.info(`watchout: ${err.message}`)), timeout]);
+}
+
 // ---------------------------------------------------------------------------- start
 $("sign-in-form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -618,7 +851,11 @@ $("sign-in-form").addEventListener("submit", (event) => {
   sessionStorage.setItem(TOKEN_KEY, token);
   signIn();
 });
-$("sign-out").addEventListener("click", () => signOut("Signed out."));
+$("sign-out").addEventListener("click", async () => {
+  await forgetPush();
+  signOut("Signed out.");
+});
+$("notifications").addEventListener("click", togglePush);
 $("older").addEventListener("click", loadOlder);
 setInterval(() => {
   showFps();

@@ -265,6 +265,9 @@ export class WatchoutClient {
    *  watchers, this one included, also get `alert-acknowledged`. */
   acknowledge(alertId) { return this.api(`/api/alerts/${encodeURIComponent(alertId)}/ack`, {method: "POST"}); }
 
+  /** Who got an alert: {items: [{destinationId, channel, purpose, state, attempts, deliveredAt, lastError, ...}]}. */
+  deliveries(alertId) { return this.api(`/api/alerts/${encodeURIComponent(alertId)}/deliveries`); }
+
   /** GET /api/alerts/{id}/snapshot.jpg as a Blob (show it through URL.createObjectURL, then revoke). */
   snapshot(alertId) {
     return this.api(`/api/alerts/${encodeURIComponent(alertId)}/snapshot.jpg`, {as: "blob"});

@@ -50,6 +50,21 @@ def new_alert_id() -> str:
     return str(ObjectId())
 
 
+new_id = new_alert_id  # destinations and deliveries take ids of the same form
+
+
+class DeliveryState:
+    """A delivery's states: `pending` until it is delivered, given up (`failed`), carried by a later one
+    (`summarised`, the cooldown) or no longer needed (`cancelled`: acknowledged before its escalation,
+    or its destination was deleted)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    SUMMARISED = "summarised"
+    CANCELLED = "cancelled"
+
+
 @dataclass(frozen=True, slots=True)
 class AlertFilter:
     """What a history query keeps: severities, receivedAt in [since, until), seq > after_seq, acknowledged or not."""
@@ -263,3 +278,62 @@ class Store(Protocol):
 
     async def job_runs(self) -> list[dict[str, Any]]:
         """Every kept run, with its `runId`."""
+
+    # ---------------------------------------------------------------- notifications (watchout.deliveries)
+    async def create_destination(self, doc: dict[str, Any]) -> None:
+        """Keep a destination: destinationId, ownerId, channel, createdAt and its rules and settings (any
+        JSON-ready values; datetimes come back as datetimes)."""
+
+    async def get_destination(self, destination_id: str) -> dict[str, Any] | None:
+        """The destination, or None."""
+
+    async def list_destinations(self, owner_id: str | None = None, channel: str | None = None
+                                ) -> list[dict[str, Any]]:
+        """Destinations (of that owner, on that channel; None: any), oldest first."""
+
+    async def update_destination(self, destination_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """Set these top-level fields; the destination after it, or None if missing."""
+
+    async def delete_destination(self, destination_id: str) -> bool:
+        """Remove a destination; its pending deliveries become `cancelled`. False if it did not exist."""
+
+    async def alerts_to_fan_out(self, limit: int) -> list[dict[str, Any]]:
+        """Stored alerts not yet handed to the destinations (every alert is, once, after insert_alerts),
+        oldest first."""
+
+    async def add_deliveries(self, deliveries: list[dict[str, Any]], fanned_out: list[str]) -> None:
+        """Keep new deliveries (deliveryId, alertId, streamId, destinationId, channel, purpose, state pending,
+        attempts 0, nextAt, createdAt), one per (alertId, destinationId, purpose) (a repeat is ignored), and
+        mark the alerts `fanned_out` as handed over: together, so an alert is never handed over without its
+        deliveries."""
+
+    async def claim_deliveries(self, owner: str, now: dt.datetime, lease_s: float, limit: int
+                               ) -> list[dict[str, Any]]:
+        """Up to `limit` pending deliveries due by `now` (nextAt <= now) whose lease is free or expired, earliest
+        due first (then oldest alert first), leased to `owner` until now + lease_s: with several nodes each is
+        attempted by one node at a time. Each comes with its `alert` (the stored alert, or None when it is gone)."""
+
+    async def release_delivery_leases(self) -> int:
+        """Free every delivery lease (the embedded store's one process starting again: its earlier run's leases
+        are stale); returns how many were held."""
+
+    async def finish_attempt(self, delivery_id: str, owner: str, fields: dict[str, Any]) -> bool:
+        """Record an attempt's outcome (state, attempts, nextAt, lastError, lastStatus, deliveredAt,
+        summarisedIn: those given) and release the lease, if `owner` still holds it; False when it does not
+        (the lease ran out and another node took the delivery over)."""
+
+    async def last_delivered(self, destination_id: str, stream_id: str) -> dt.datetime | None:
+        """When that destination was last delivered an alert of that stream (the cooldown), or None."""
+
+    async def deliveries_of_alert(self, alert_id: str) -> list[dict[str, Any]]:
+        """Every delivery of an alert, oldest first (the receipts)."""
+
+    async def get_value(self, key: str) -> str | None:
+        """A value kept for the whole service (e.g. the Web Push key pair), or None."""
+
+    async def put_value_if_absent(self, key: str, value: str) -> str:
+        """Keep `value` under `key` unless a value is there already; returns the value kept (the first one:
+        several nodes making one at once agree on it)."""
+
+    async def delivery_backlog(self) -> tuple[int, dt.datetime | None]:
+        """(how many deliveries are pending, when the oldest of them was created)."""

@@ -38,6 +38,9 @@ class MongoStore(Measured):
         self._reports = db["reports"]
         self._locks = db["locks"]
         self._job_runs = db["job_runs"]
+        self._destinations = db["destinations"]
+        self._deliveries = db["deliveries"]
+        self._kv = db["kv"]
 
     @classmethod
     def connect(cls, mongo_url: str, db_name: str) -> MongoStore:
@@ -68,6 +71,13 @@ class MongoStore(Measured):
         await self._snapshots.create_index([("createdAt", ASC)], name="created")
         await self._usage.create_index([("hour", ASC), ("streamId", ASC)], name="hour_stream")
         await self._reports.create_index([("from", ASC), ("to", ASC)], name="period")
+        await self._alerts.create_index([("fanout", ASC)], name="fanout", partialFilterExpression={"fanout": True})
+        await self._destinations.create_index([("ownerId", ASC), ("createdAt", ASC)], name="owner_created")
+        await self._deliveries.create_index([("alertId", ASC), ("destinationId", ASC), ("purpose", ASC)],
+                                            unique=True, name="alert_destination")
+        await self._deliveries.create_index([("state", ASC), ("nextAt", ASC)], name="state_due")
+        await self._deliveries.create_index([("destinationId", ASC), ("streamId", ASC), ("deliveredAt", DESC)],
+                                            name="cooldown")
         ttl_s = int((alert_retention_d + 1) * 86400) if alert_retention_d else None
         await _ensure_ttl(self._alerts, "receivedAt", ttl_s)
         await _ensure_ttl(self._snapshots, "createdAt", ttl_s)
@@ -133,6 +143,7 @@ class MongoStore(Measured):
         result = await self._streams.delete_one({"_id": stream_id})
         await self._alerts.delete_many({"streamId": stream_id})
         await self._snapshots.delete_many({"streamId": stream_id})
+        await self._deliveries.delete_many({"streamId": stream_id})
         return bool(result.deleted_count)
 
     @operation("update stream status")
@@ -284,6 +295,117 @@ class MongoStore(Measured):
         doc = await self._snapshots.find_one({"_id": alert_id})
         return (doc["streamId"], bytes(doc["jpeg"])) if doc else None
 
+    # ------------------------------------------------------------------ notifications
+    @operation("store destination")
+    async def create_destination(self, doc: dict[str, Any]) -> None:
+        await self._destinations.insert_one({"_id": doc["destinationId"], **doc})
+
+    @operation("read destination")
+    async def get_destination(self, destination_id: str) -> dict[str, Any] | None:
+        return _without_id(await self._destinations.find_one({"_id": destination_id}))
+
+    @operation("list destinations")
+    async def list_destinations(self, owner_id: str | None = None, channel: str | None = None
+                                ) -> list[dict[str, Any]]:
+        query = {k: v for k, v in (("ownerId", owner_id), ("channel", channel)) if v is not None}
+        cursor = self._destinations.find(query).sort([("createdAt", ASC), ("_id", ASC)])
+        return [{k: v for k, v in d.items() if k != "_id"} async for d in cursor]
+
+    @operation("update destination")
+    async def update_destination(self, destination_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        doc = await self._destinations.find_one_and_update(
+            {"_id": destination_id}, {"$set": fields}, return_document=pymongo.ReturnDocument.AFTER)
+        return _without_id(doc)
+
+    @operation("delete destination")
+    async def delete_destination(self, destination_id: str) -> bool:
+        await self._deliveries.update_many(
+            {"destinationId": destination_id, "state": "pending"},
+            {"$set": {"state": "cancelled", "lastError": "destination deleted"},
+             "$unset": {"leaseOwner": "", "leaseUntil": ""}})
+        result = await self._destinations.delete_one({"_id": destination_id})
+        return bool(result.deleted_count)
+
+    @operation("read alerts to notify")
+    async def alerts_to_fan_out(self, limit: int) -> list[dict[str, Any]]:
+        cursor = self._alerts.find({"fanout": True}).sort([("_id", ASC)]).limit(limit)
+        return [_alert_out(d) async for d in cursor]
+
+    @operation("store deliveries")
+    async def add_deliveries(self, deliveries: list[dict[str, Any]], fanned_out: list[str]) -> None:
+        # not one transaction: a repeat after a failure between the two steps inserts nothing twice
+        if deliveries:
+            try:
+                await self._deliveries.insert_many([{"_id": d["deliveryId"], **d} for d in deliveries],
+                                                   ordered=False)
+            except BulkWriteError as exc:
+                if any(e.get("code") not in DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
+                    raise
+        if fanned_out:
+            await self._alerts.update_many({"_id": {"$in": [ObjectId(a) for a in fanned_out]}},
+                                           {"$unset": {"fanout": ""}})
+
+    @operation("claim deliveries")
+    async def claim_deliveries(self, owner: str, now: dt.datetime, lease_s: float, limit: int
+                               ) -> list[dict[str, Any]]:
+        free = {"state": "pending", "nextAt": {"$lte": now},
+                "$or": [{"leaseUntil": None}, {"leaseUntil": {"$lt": now}}]}
+        lease = {"$set": {"leaseOwner": owner, "leaseUntil": now + dt.timedelta(seconds=lease_s)}}
+        claimed = []
+        for _ in range(limit):
+            doc = await self._deliveries.find_one_and_update(free, lease, sort=[("nextAt", ASC), ("alertId", ASC)],
+                                                             return_document=pymongo.ReturnDocument.AFTER)
+            if doc is None:
+                break
+            claimed.append(_delivery_out(doc))
+        alerts = {a["alertId"]: a for a in [_alert_out(d) async for d in self._alerts.find(
+            {"_id": {"$in": [ObjectId(d["alertId"]) for d in claimed]}})]} if claimed else {}
+        for d in claimed:
+            d["alert"] = alerts.get(d["alertId"])
+        return claimed
+
+    @operation("release delivery leases")
+    async def release_delivery_leases(self) -> int:
+        result = await self._deliveries.update_many({"leaseOwner": {"$ne": None}},
+                                                    {"$unset": {"leaseOwner": "", "leaseUntil": ""}})
+        return int(result.modified_count)
+
+    @operation("record a delivery attempt")
+    async def finish_attempt(self, delivery_id: str, owner: str, fields: dict[str, Any]) -> bool:
+        result = await self._deliveries.update_one(
+            {"_id": delivery_id, "leaseOwner": owner},
+            {"$set": fields, "$unset": {"leaseOwner": "", "leaseUntil": ""}})
+        return bool(result.matched_count)
+
+    @operation("read deliveries")
+    async def last_delivered(self, destination_id: str, stream_id: str) -> dt.datetime | None:
+        doc = await self._deliveries.find_one(
+            {"destinationId": destination_id, "streamId": stream_id, "deliveredAt": {"$ne": None}},
+            sort=[("deliveredAt", DESC)])
+        return None if doc is None else doc["deliveredAt"]
+
+    @operation("read deliveries")
+    async def deliveries_of_alert(self, alert_id: str) -> list[dict[str, Any]]:
+        cursor = self._deliveries.find({"alertId": alert_id}).sort([("createdAt", ASC), ("_id", ASC)])
+        return [_delivery_out(d) async for d in cursor]
+
+    @operation("read a kept value")
+    async def get_value(self, key: str) -> str | None:
+        doc = await self._kv.find_one({"_id": key})
+        return None if doc is None else str(doc["value"])
+
+    @operation("keep a value")
+    async def put_value_if_absent(self, key: str, value: str) -> str:
+        doc = await self._kv.find_one_and_update({"_id": key}, {"$setOnInsert": {"value": value}}, upsert=True,
+                                                 return_document=pymongo.ReturnDocument.AFTER)
+        return str(doc["value"])
+
+    @operation("count deliveries")
+    async def delivery_backlog(self) -> tuple[int, dt.datetime | None]:
+        count = await self._deliveries.count_documents({"state": "pending"})
+        oldest = await self._deliveries.find_one({"state": "pending"}, sort=[("createdAt", ASC)])
+        return int(count), None if oldest is None else oldest["createdAt"]
+
     # ------------------------------------------------------------------ jobs (workers/)
     @operation("save usage figures")
     async def add_usage(self, rows: list[dict[str, Any]]) -> None:
@@ -349,6 +471,8 @@ class MongoStore(Measured):
             await self._streams.bulk_write(raises, ordered=False)
         result = await self._alerts.delete_many({"receivedAt": {"$lt": before}})
         await self._snapshots.delete_many({"createdAt": {"$lt": before}})
+        # an alert id is an ObjectId made when the alert was received: the deliveries of those alerts
+        await self._deliveries.delete_many({"alertId": {"$lt": str(ObjectId.from_datetime(before))}})
         return int(result.deleted_count)
 
     @operation("count alerts")
@@ -468,6 +592,7 @@ def _stream_out(doc: dict[str, Any]) -> dict[str, Any]:
 def _alert_in(alert: dict[str, Any]) -> dict[str, Any]:
     doc = dict(alert)
     doc["_id"] = ObjectId(doc.pop("alertId"))
+    doc["fanout"] = True  # not yet handed to the notification destinations
     if doc.get("clientId") is None:
         doc.pop("clientId", None)
     return doc
@@ -476,4 +601,21 @@ def _alert_in(alert: dict[str, Any]) -> dict[str, Any]:
 def _alert_out(doc: dict[str, Any]) -> dict[str, Any]:
     out = dict(doc)
     out["alertId"] = str(out.pop("_id"))
+    out.pop("fanout", None)
     return out
+
+
+def _without_id(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    if doc is None:
+        return None
+    out = dict(doc)
+    out.pop("_id", None)
+    return out
+
+
+_DELIVERY_KEYS = ("deliveryId", "alertId", "streamId", "destinationId", "channel", "purpose", "state", "attempts",
+                  "nextAt", "createdAt", "deliveredAt", "lastError", "lastStatus", "summarisedIn")
+
+
+def _delivery_out(doc: dict[str, Any]) -> dict[str, Any]:
+    return {key: doc.get(key) for key in _DELIVERY_KEYS}

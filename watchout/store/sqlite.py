@@ -127,6 +127,49 @@ CREATE INDEX snapshots_created ON snapshots (created_at);
 -- 3: each stream's alert history has an identity, new when the history starts again
 ALTER TABLE streams ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
 UPDATE streams SET epoch = lower(hex(randomblob(8))) WHERE epoch = '';
+""", """
+-- 4: notifications. An alert is stored with fanout = 1 and handed to the destinations once (its
+-- deliveries made, fanout = 0, in one transaction); alerts stored before this version are not.
+ALTER TABLE alerts ADD COLUMN fanout INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX alerts_fanout ON alerts (alert_id) WHERE fanout = 1;
+
+CREATE TABLE destinations (
+    destination_id TEXT PRIMARY KEY,
+    owner_id       TEXT NOT NULL,
+    channel        TEXT NOT NULL,
+    created_at     INTEGER NOT NULL,
+    doc            TEXT NOT NULL               -- rules and the channel's settings, JSON
+) WITHOUT ROWID;
+CREATE INDEX destinations_owner ON destinations (owner_id, created_at);
+
+CREATE TABLE deliveries (
+    delivery_id    TEXT PRIMARY KEY,
+    alert_id       TEXT NOT NULL REFERENCES alerts (alert_id) ON DELETE CASCADE,
+    stream_id      TEXT NOT NULL,
+    destination_id TEXT NOT NULL,              -- kept (cancelled) when the destination goes: the receipts stay
+    channel        TEXT NOT NULL,
+    purpose        TEXT NOT NULL,              -- notify, escalate
+    state          TEXT NOT NULL,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    next_at        INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL,
+    delivered_at   INTEGER,
+    last_error     TEXT,
+    last_status    INTEGER,
+    summarised_in  TEXT,
+    lease_owner    TEXT,
+    lease_until    INTEGER,
+    UNIQUE (alert_id, destination_id, purpose)
+) WITHOUT ROWID;
+CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+
+CREATE TABLE kv (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX deliveries_pending_destination ON deliveries (destination_id) WHERE state = 'pending';
+CREATE INDEX deliveries_cooldown ON deliveries (destination_id, stream_id, delivered_at)
+    WHERE delivered_at IS NOT NULL;
 """)
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -134,8 +177,13 @@ _STREAM_COLUMNS = ("stream_id, owner_id, name, status, metadata, created_at, las
                    "alert_seq, last_seq, pruned_seq, epoch")
 _ALERT_COLUMNS = ("alert_id, stream_id, seq, owner_id, sender_id, severity, message, metadata, timestamp, "
                   "received_at, client_id, acknowledged_by, acknowledged_at, has_snapshot")
-_INSERT_ALERT = (f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?) "
+_INSERT_ALERT = (f"INSERT INTO alerts ({_ALERT_COLUMNS}, fanout) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, 1) "
                  "ON CONFLICT (stream_id, sender_id, client_id) WHERE client_id IS NOT NULL DO NOTHING")
+_DELIVERY_COLUMNS = ("delivery_id, alert_id, stream_id, destination_id, channel, purpose, state, attempts, next_at, "
+                     "created_at, delivered_at, last_error, last_status, summarised_in")
+_DELIVERY_FIELDS = {"state": "state", "attempts": "attempts", "nextAt": "next_at", "deliveredAt": "delivered_at",
+                    "lastError": "last_error", "lastStatus": "last_status", "summarisedIn": "summarised_in"}
 _USAGE_COUNTS = {"framesIn": "frames_in", "framesRelayed": "frames_relayed", "framesDropped": "frames_dropped",
                  "onlineS": "online_s"}
 
@@ -471,6 +519,131 @@ class SQLiteStore(Measured):
             "SELECT stream_id, jpeg FROM snapshots WHERE alert_id = ?", (alert_id,)).fetchone())
         return (str(row[0]), bytes(row[1])) if row else None
 
+    # ---------------------------------------------------------------- notifications
+    @operation("store destination")
+    async def create_destination(self, doc: dict[str, Any]) -> None:
+        row = (doc["destinationId"], doc["ownerId"], doc["channel"], _ms(doc["createdAt"]), _json(_tagged(doc)))
+        await self._db.write(lambda c: c.execute(
+            "INSERT INTO destinations (destination_id, owner_id, channel, created_at, doc) VALUES (?, ?, ?, ?, ?)",
+            row))
+
+    @operation("read destination")
+    async def get_destination(self, destination_id: str) -> dict[str, Any] | None:
+        return await self._db.read(lambda c: _first(c.execute(
+            "SELECT doc FROM destinations WHERE destination_id = ?", (destination_id,)), _destination_out))
+
+    @operation("list destinations")
+    async def list_destinations(self, owner_id: str | None = None, channel: str | None = None
+                                ) -> list[dict[str, Any]]:
+        where = _Where()
+        where.equal("owner_id", owner_id)
+        where.equal("channel", channel)
+        sql = f"SELECT doc FROM destinations{where} ORDER BY created_at, destination_id"
+        return await self._db.read(lambda c: [_destination_out(r) for r in c.execute(sql, where.values)])
+
+    @operation("update destination")
+    async def update_destination(self, destination_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        def update(c: sqlite3.Connection) -> dict[str, Any] | None:
+            doc = _first(c.execute("SELECT doc FROM destinations WHERE destination_id = ?", (destination_id,)),
+                         _destination_out)
+            if doc is None:
+                return None
+            doc.update(fields)
+            c.execute("UPDATE destinations SET doc = ? WHERE destination_id = ?",
+                      (_json(_tagged(doc)), destination_id))
+            return doc
+        return await self._db.write(update)
+
+    @operation("delete destination")
+    async def delete_destination(self, destination_id: str) -> bool:
+        def delete(c: sqlite3.Connection) -> bool:
+            c.execute("UPDATE deliveries SET state = 'cancelled', last_error = 'destination deleted', "
+                      "lease_owner = NULL WHERE destination_id = ? AND state = 'pending'", (destination_id,))
+            return bool(c.execute("DELETE FROM destinations WHERE destination_id = ?", (destination_id,)).rowcount)
+        return await self._db.write(delete)
+
+    @operation("read alerts to notify")
+    async def alerts_to_fan_out(self, limit: int) -> list[dict[str, Any]]:
+        sql = f"SELECT {_ALERT_COLUMNS} FROM alerts INDEXED BY alerts_fanout WHERE fanout = 1 ORDER BY alert_id LIMIT ?"
+        return await self._db.read(lambda c: [_alert_out(r) for r in c.execute(sql, (limit,))])
+
+    @operation("store deliveries")
+    async def add_deliveries(self, deliveries: list[dict[str, Any]], fanned_out: list[str]) -> None:
+        rows = [(d["deliveryId"], d["alertId"], d["streamId"], d["destinationId"], d["channel"], d["purpose"],
+                 d["state"], d["attempts"], _ms(d["nextAt"]), _ms(d["createdAt"])) for d in deliveries]
+        done = [(alert_id,) for alert_id in fanned_out]
+
+        def add(c: sqlite3.Connection) -> None:
+            c.executemany("INSERT INTO deliveries (delivery_id, alert_id, stream_id, destination_id, channel, "
+                          "purpose, state, attempts, next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                          "ON CONFLICT DO NOTHING", rows)
+            c.executemany("UPDATE alerts SET fanout = 0 WHERE alert_id = ?", done)
+        await self._db.write(add)
+
+    @operation("claim deliveries")
+    async def claim_deliveries(self, owner: str, now: dt.datetime, lease_s: float, limit: int
+                               ) -> list[dict[str, Any]]:
+        at = _ms(now)
+        until = at + int(lease_s * 1000)
+
+        def claim(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = c.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries INDEXED BY deliveries_due WHERE state = 'pending' "
+                "AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_at, alert_id LIMIT ?",
+                (at, at, limit)).fetchall()
+            c.executemany("UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE delivery_id = ?",
+                          [(owner, until, r[0]) for r in rows])
+            claimed = [_delivery_out(r) for r in rows]
+            for d in claimed:
+                d["alert"] = _get_alert(c, d["alertId"])
+            return claimed
+        return await self._db.write(claim)
+
+    @operation("release delivery leases")
+    async def release_delivery_leases(self) -> int:
+        return int(await self._db.write(lambda c: c.execute(
+            "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL").rowcount))
+
+    @operation("record a delivery attempt")
+    async def finish_attempt(self, delivery_id: str, owner: str, fields: dict[str, Any]) -> bool:
+        sets, values = ["lease_owner = NULL", "lease_until = NULL"], []
+        for key, value in fields.items():
+            sets.append(f"{_DELIVERY_FIELDS[key]} = ?")
+            values.append(_ms(value) if isinstance(value, dt.datetime) else value)
+        sql = f"UPDATE deliveries SET {', '.join(sets)} WHERE delivery_id = ? AND lease_owner = ?"
+        return bool(await self._db.write(lambda c: c.execute(sql, (*values, delivery_id, owner)).rowcount))
+
+    @operation("read deliveries")
+    async def last_delivered(self, destination_id: str, stream_id: str) -> dt.datetime | None:
+        row = await self._db.read(lambda c: c.execute(
+            "SELECT max(delivered_at) FROM deliveries WHERE destination_id = ? AND stream_id = ? "
+            "AND delivered_at IS NOT NULL", (destination_id, stream_id)).fetchone())
+        return _dt_or_none(row[0])
+
+    @operation("read deliveries")
+    async def deliveries_of_alert(self, alert_id: str) -> list[dict[str, Any]]:
+        sql = f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE alert_id = ? ORDER BY created_at, delivery_id"
+        return await self._db.read(lambda c: [_delivery_out(r) for r in c.execute(sql, (alert_id,))])
+
+    @operation("read a kept value")
+    async def get_value(self, key: str) -> str | None:
+        row = await self._db.read(lambda c: c.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone())
+        return None if row is None else str(row[0])
+
+    @operation("keep a value")
+    async def put_value_if_absent(self, key: str, value: str) -> str:
+        def put(c: sqlite3.Connection) -> str:
+            c.execute("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value))
+            return str(c.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0])
+        return await self._db.write(put)
+
+    @operation("count deliveries")
+    async def delivery_backlog(self) -> tuple[int, dt.datetime | None]:
+        row = await self._db.read(lambda c: c.execute(
+            "SELECT count(*), min(created_at) FROM deliveries INDEXED BY deliveries_due WHERE state = 'pending'"
+        ).fetchone())
+        return int(row[0]), _dt_or_none(row[1])
+
     # ---------------------------------------------------------------- jobs (workers/)
     @operation("save usage figures")
     async def add_usage(self, rows: list[dict[str, Any]]) -> None:
@@ -738,6 +911,17 @@ def _alert_out(r: Any) -> dict[str, Any]:
     if r[10] is not None:
         doc["clientId"] = r[10]
     return doc
+
+
+def _destination_out(r: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = _untagged(orjson.loads(r[0]))
+    return doc
+
+
+def _delivery_out(r: Any) -> dict[str, Any]:
+    return {"deliveryId": r[0], "alertId": r[1], "streamId": r[2], "destinationId": r[3], "channel": r[4],
+            "purpose": r[5], "state": r[6], "attempts": r[7], "nextAt": _dt(r[8]), "createdAt": _dt(r[9]),
+            "deliveredAt": _dt_or_none(r[10]), "lastError": r[11], "lastStatus": r[12], "summarisedIn": r[13]}
 
 
 # -------------------------------------------------------------------- values
