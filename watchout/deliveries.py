@@ -38,6 +38,9 @@ log = logging.getLogger("watchout.deliveries")
 SEVERITY_RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 FAN_OUT_BATCH = 500
 TICK_S = 1.0  # deliveries due later (retries, escalations) are looked for at least this often
+# After a wake-up, what else arrives this long is handled in the same turn: at 1,000 alerts/s one store
+# round trip per 20 ms for the fan-out and one for the claims, instead of one per alert.
+GATHER_S = 0.02
 DESTINATIONS_TTL_S = 5.0  # how stale this node's copy of the destinations may be (others change them)
 BACKLOG_EVERY_S = 5.0
 STORE_RETRY = Backoff(base_s=0.5, cap_s=30.0)
@@ -145,6 +148,7 @@ class Deliveries:
                 continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
+                await asyncio.sleep(GATHER_S)
 
     async def _prepare(self) -> None:
         if self._settings.is_embedded_store:  # one process: leases left by an earlier run are stale
